@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from filelock import FileLock
@@ -132,15 +133,19 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
-def _ensure_converted(target: Path, gguf_path: Path, convert=_convert_gguf) -> Path:
+def _ensure_converted(
+    target: Path, gguf_path: Path, convert: Callable[[Path, Path], None] | None = None
+) -> Path:
     """Make sure ``target`` holds a complete conversion of ``gguf_path``; return ``target``.
 
-    ``convert(gguf_path, out_dir)`` writes the folder contents. It runs in a temporary sibling
+    ``convert(gguf_path, out_dir)`` (default :func:`_convert_gguf`) writes the folder
+    contents. It runs in a temporary sibling
     directory that is renamed onto ``target`` only after it finished, all under a file lock.
     Leftover temporary directories of interrupted conversions are removed under the lock.
     """
     if _is_complete(target):
         return target
+    convert = _convert_gguf if convert is None else convert
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(parent / f"{target.name}.lock"), timeout=_LOCK_TIMEOUT_S)
