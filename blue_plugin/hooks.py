@@ -1,0 +1,111 @@
+"""Forward hooks: capture module inputs/outputs, add per-row deltas, stop a forward early.
+
+Invariant: every context manager here removes its hooks on exit, also when the body raises, so
+the model is left exactly as it was.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .arch import find_module
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once everything needed has been seen."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+    stop_after: str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the first positional input of ``inputs_of`` modules and the (first) output of
+    ``outputs_of`` modules into the yielded dict (keys ``"in:<name>"`` / ``"out:<name>"``).
+
+    If ``stop_after`` is given, the forward pass raises :class:`StopForward` right after that
+    module has run; use :func:`run_until` to call the model.
+    """
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre_hook(name: str) -> Callable:
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            store[f"in:{name}"] = x
+        return hook
+
+    def post_hook(name: str, stop: bool) -> Callable:
+        def hook(module, args, output):
+            if name in outputs_of:
+                store[f"out:{name}"] = _first(output)
+            if stop:
+                raise StopForward
+        return hook
+
+    try:
+        for name in inputs_of:
+            handles.append(find_module(model, name).register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+        post_names = list(dict.fromkeys(list(outputs_of) + ([stop_after] if stop_after else [])))
+        for name in post_names:
+            handles.append(find_module(model, name).register_forward_hook(post_hook(name, name == stop_after)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until(model: nn.Module, **batch) -> torch.Tensor | None:
+    """Call the model; return the logits, or None when a hook stopped the pass early."""
+    try:
+        return model(**batch, use_cache=False).logits
+    except StopForward:
+        return None
+
+
+@contextmanager
+def add_delta(
+    model: nn.Module, module_name: str, rows: torch.Tensor, positions: torch.Tensor, deltas: torch.Tensor
+) -> Iterator[None]:
+    """Add ``deltas[j]`` to the output of ``module_name`` at ``(rows[j], positions[j])``.
+
+    Shapes: rows, positions: (n,) long; deltas: (n, d_model). Differentiable in ``deltas``.
+    """
+
+    def hook(module, args, output):
+        hidden = _first(output)
+        edited = hidden.index_put((rows, positions), deltas.to(hidden.dtype), accumulate=True)
+        if isinstance(output, tuple):
+            return (edited,) + tuple(output[1:])
+        return edited
+
+    handle = find_module(model, module_name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on all parameters (restored on exit) and set eval mode."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,0 +1,49 @@
+"""Keys K_l (input of the FFN output projection at the edited token, averaged over context
+prefixes) and current block outputs h_l, from one forward pass that stops early."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .arch import ModelLayout
+from .hooks import capture, run_until
+from .requests import Row, pad_rows
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    model,
+    tok,
+    layout: ModelLayout,
+    rows: Sequence[Row],
+    n_requests: int,
+    n_prefixes: int,
+    key_layers: Sequence[int],
+    out_layers: Sequence[int] = (),
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Return ``keys[l]`` of shape (n_requests, d_in) and ``outs[l]`` of shape (n_requests, d_model).
+
+    ``rows`` come from :func:`blue_plugin.requests.key_rows` (request-major, first prefix empty).
+    Keys average over all prefixes; outputs are read from the bare-prompt row. The forward pass
+    stops after the highest block needed.
+    """
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = pad_rows(rows, pad_id, device)
+    idx = torch.arange(len(rows), device=device)
+    pos = torch.tensor([r.lookup for r in rows], device=device)
+    key_names = [layout.rewrite(l) for l in key_layers]
+    out_names = [layout.block(l) for l in out_layers]
+    top = layout.block(max(list(key_layers) + list(out_layers)))
+    with capture(model, inputs_of=key_names, outputs_of=out_names, stop_after=top) as store:
+        run_until(model, **batch)
+    keys = {}
+    for l, name in zip(key_layers, key_names):
+        k = store[f"in:{name}"][idx, pos].float()
+        keys[l] = k.view(n_requests, n_prefixes, -1).mean(dim=1)
+    outs = {}
+    bare = torch.arange(0, len(rows), n_prefixes, device=device)
+    for l, name in zip(out_layers, out_names):
+        outs[l] = store[f"out:{name}"][bare, pos[bare]].float()
+    return keys, outs

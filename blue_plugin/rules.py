@@ -1,0 +1,138 @@
+"""The four base methods' update rules behind one interface.
+
+Shapes: ``K`` (d_in, n) keys, ``R`` (d_out, n) residuals, ``C0`` / ``KpKp`` / ``P`` (d_in, d_in),
+``W`` and every returned update ``Delta`` (d_out, d_in). All arithmetic happens in the dtype of
+the inputs (the engine passes ``solve_dtype``, float64 by default).
+
+- MEMIT:     Delta = R K^T (lambda C0 + KpKp + K K^T)^-1
+- AlphaEdit: Delta^T = (P (K K^T + KpKp) + L2 I)^-1 P K R^T
+- RECT:      MEMIT's Delta, keeping only the top fraction of entries by |Delta| / |W|
+- PRUNE:     MEMIT's Delta, then the singular values of the accumulated change W_new - W_orig
+             above sigma_max(W_orig) are mapped to log(s) - log(sigma_max) + sigma_max
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .hparams import BLUEHyperParams
+
+
+def memit_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float, KpKp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Least-squares update with the key second moment as prior."""
+    A = lam * C0 + K @ K.T
+    if KpKp is not None:
+        A = A + KpKp
+    return torch.linalg.solve(A, K @ R.T).T
+
+
+def null_space_projector(C0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """P = U U^T over the eigenvectors of C0 with eigenvalue < threshold; returns (P, rank)."""
+    evals, evecs = torch.linalg.eigh(C0)
+    U = evecs[:, evals < threshold]
+    return U @ U.T, U.shape[1]
+
+
+def alphaedit_delta(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, L2: float, KpKp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Null-space constrained update: Delta = Delta' P restricted to span(P)."""
+    G = K @ K.T
+    if KpKp is not None:
+        G = G + KpKp
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(P @ G + L2 * eye, P @ K @ R.T).T
+
+
+def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """Zero all but the ``keep_fraction`` entries of ``delta`` with the largest |delta| / |W|."""
+    rel = delta.abs() / W.abs().to(delta.dtype).clamp_min(torch.finfo(delta.dtype).tiny)
+    k = max(1, int(round(keep_fraction * rel.numel())))
+    if k >= rel.numel():
+        return delta
+    threshold = torch.topk(rel.flatten(), k).values[-1]
+    return torch.where(rel >= threshold, delta, torch.zeros_like(delta))
+
+
+def prune_restrain(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """Restrain the singular values of the accumulated change W_new - W_orig that exceed
+    ``sigma_max`` (the largest singular value of W_orig)."""
+    D = W_new - W_orig
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    if not bool((S > sigma_max).any()):
+        return W_new
+    S2 = torch.where(S > sigma_max, torch.log(S) - torch.log(torch.as_tensor(sigma_max, dtype=S.dtype)) + sigma_max, S)
+    return W_orig + (U * S2) @ Vh
+
+
+@dataclass
+class LayerInputs:
+    """What a rule may use for one layer (tensors in the solve dtype, on the layer's device)."""
+
+    W: torch.Tensor
+    K: torch.Tensor
+    R: torch.Tensor
+    C0: torch.Tensor
+    KpKp: Optional[torch.Tensor]
+    P: Optional[torch.Tensor] = None
+    W_orig: Optional[torch.Tensor] = None
+    sigma_max: Optional[float] = None
+
+
+class UpdateRule:
+    """Base rule: ``delta`` computes the change of W; ``finalize`` may adjust the new weight."""
+
+    name = "base"
+    needs_projector = False
+    needs_original = False
+    always_accumulates = False
+
+    def delta(self, x: LayerInputs, hp: BLUEHyperParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finalize(self, W_new: torch.Tensor, x: LayerInputs, hp: BLUEHyperParams) -> torch.Tensor:
+        return W_new
+
+    def uses_kpkp(self, hp: BLUEHyperParams) -> bool:
+        return self.always_accumulates or hp.accumulate_keys
+
+
+class MemitRule(UpdateRule):
+    name = "MEMIT"
+
+    def delta(self, x, hp):
+        return memit_delta(x.K, x.R, x.C0, hp.mom2_update_weight, x.KpKp)
+
+
+class RectRule(MemitRule):
+    name = "RECT"
+
+    def delta(self, x, hp):
+        return rect_sparsify(super().delta(x, hp), x.W, hp.rect_keep_fraction)
+
+
+class PruneRule(MemitRule):
+    name = "PRUNE"
+    needs_original = True
+
+    def finalize(self, W_new, x, hp):
+        return prune_restrain(W_new, x.W_orig, x.sigma_max)
+
+
+class AlphaEditRule(UpdateRule):
+    name = "AlphaEdit"
+    needs_projector = True
+    always_accumulates = True
+
+    def delta(self, x, hp):
+        return alphaedit_delta(x.K, x.R, x.P, hp.L2, x.KpKp)
+
+
+RULES: dict[str, UpdateRule] = {r.name: r for r in (MemitRule(), RectRule(), PruneRule(), AlphaEditRule())}
+
+
+def get_rule(name: str) -> UpdateRule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown base_method {name!r}; choose one of {', '.join(RULES)}.") from None
