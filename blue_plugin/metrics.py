@@ -1,0 +1,527 @@
+"""Evaluation metrics of the BLUE paper (the ROME / MEMIT / AlphaEdit conventions).
+
+Tokenisation convention (shared with the editing engine, see :func:`encode_prompt_target`): a prompt
+is tokenised with the tokenizer's default special tokens (e.g. a BOS for Llama), an answer as
+``" " + answer`` without special tokens, and the answer ids are appended to the prompt ids.
+Teacher-forced scores read the logits at positions ``len(prompt)-1 .. len(prompt)+len(answer)-2``.
+
+CounterFact (per case, :func:`counterfact_case_scores`):
+    * efficacy       = [NLL(o* | p) < NLL(o_true | p)], NLL = mean per-token negative log-likelihood
+      (i.e. P(o*|p) > P(o_true|p) with per-token-normalised probabilities, as in ROME's code);
+    * generalization = mean over paraphrase prompts of the same indicator;
+    * specificity    = mean over neighbourhood prompts n of [NLL(true answer of n | n) < NLL(o* | n)];
+    * fluency        = weighted bi/tri-gram entropy of greedy generations (:func:`ngram_entropy`);
+    * consistency    = None (needs ROME's reference snippets about o*, which are not available).
+
+zsRE (per case, :func:`zsre_case_scores`):
+    * efficacy       = token-level top-1 accuracy of ``alt`` after ``src`` under teacher forcing;
+    * generalization = same on the rephrase;
+    * specificity    = fraction of ``loc_ans`` tokens (teacher-forced after ``loc``) where the edited
+      model's argmax equals the unedited model's argmax (:func:`zsre_locality_predictions`).
+      MEMIT's code instead compares with the ``loc_ans`` tokens themselves; that number is kept
+      as ``locality_answer_accuracy`` for analysis.
+
+Values are fractions in [0, 1] (entropy in bits); the paper's tables multiply everything by 100.
+All model calls run under ``torch.no_grad()`` in eval mode (the previous mode is restored), on the
+device of the model's parameters; results come back on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import re
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import EditCase
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+NGRAM_ORDERS = (2, 3)
+NGRAM_WEIGHTS = (2 / 3, 4 / 3)
+
+# ----------------------------------------------------------------------------------------------
+# tokenisation and batching helpers
+
+
+def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (with default special tokens) and of ``" " + target`` (without).
+
+    The model is scored on ``prompt_ids + target_ids``; the editing engine uses the same split.
+
+    Raises:
+        ValueError: a non-string or empty prompt/target, or a prompt that tokenises to nothing
+            (no position would predict the first answer token).
+    """
+    if not isinstance(prompt, str) or not isinstance(target, str):
+        raise ValueError(f"prompt and target must be strings, got {type(prompt).__name__} / {type(target).__name__}")
+    if not target.strip():
+        raise ValueError(f"empty answer for prompt {prompt!r}; every answer needs at least one token")
+    prompt_ids = list(tok(prompt)["input_ids"])
+    target_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
+    if not prompt_ids:
+        raise ValueError(
+            f"prompt {prompt!r} tokenises to no tokens and the tokenizer adds no BOS; give a non-empty prompt"
+        )
+    if not target_ids:
+        raise ValueError(f"answer {target!r} tokenises to no tokens")
+    return prompt_ids, target_ids
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tok: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tok, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Iterator[None]:
+    """``torch.no_grad`` + eval mode, restoring the model's training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_pairs(prompts: Sequence[str], answers: Sequence[str], batch_size: int) -> None:
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; give one answer per prompt")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _teacher_forced(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Score each answer after its prompt in one teacher-forced pass.
+
+    Sequences are sorted by length, right-padded (so absolute positions match the unpadded run)
+    and run ``batch_size`` at a time; only the logits from the first answer position on are kept.
+
+    Returns:
+        per pair ``(logprobs [a], argmax [a], target_ids [a])`` on the CPU, ``a`` = answer tokens;
+        ``logprobs[j] = log p(target_ids[j] | prompt, target_ids[:j])`` (float32) and ``argmax[j]``
+        the model's top-1 token at that position.
+    """
+    _check_pairs(prompts, answers, batch_size)
+    encoded = [encode_prompt_target(tok, p, a) for p, a in zip(prompts, answers)]
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    results: list[Any] = [None] * len(encoded)
+    device = _device(model)
+    pad = _pad_id(tok)
+    keep_ok = _accepts_logits_to_keep(model)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rows = [encoded[i] for i in idx]
+            width = max(len(p) + len(t) for p, t in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, (p, t) in enumerate(rows):
+                seq = p + t
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+            first = min(len(p) for p, _ in rows) - 1  # first position whose logits are needed
+            kwargs: dict[str, Any] = {"use_cache": False}
+            offset = 0
+            if keep_ok:
+                kwargs["logits_to_keep"] = width - first
+                offset = first
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+            n_ans = max(len(t) for _, t in rows)
+            pos = torch.zeros((len(rows), n_ans), dtype=torch.long)
+            tgt = torch.zeros((len(rows), n_ans), dtype=torch.long)
+            for r, (p, t) in enumerate(rows):
+                pos[r, : len(t)] = torch.arange(len(p) - 1, len(p) - 1 + len(t)) - offset
+                tgt[r, : len(t)] = torch.tensor(t)
+            pos, tgt = pos.to(logits.device), tgt.to(logits.device)
+            picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.size(-1))).float()  # [B, A, V]
+            logprobs = picked.log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()  # [B, A]
+            argmax = picked.argmax(-1).cpu()  # [B, A]
+            for r, i in enumerate(idx):
+                a = len(rows[r][1])
+                results[i] = (logprobs[r, :a].clone(), argmax[r, :a].clone(), torch.tensor(rows[r][1]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher-forced answer scores
+
+
+def answer_nll(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of each answer after its prompt.
+
+    Returns:
+        float32 tensor ``[n]`` on the CPU (natural log).
+    """
+    res = _teacher_forced(model, tok, prompts, answers, batch_size)
+    return torch.tensor([float(-lp.mean()) for lp, _, _ in res], dtype=torch.float32)
+
+
+def answer_token_accuracy(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """Token-level top-1 accuracy of each answer under teacher forcing (zsRE efficacy).
+
+    Returns:
+        float32 tensor ``[n]``: fraction of answer tokens that are the model's argmax.
+    """
+    res = _teacher_forced(model, tok, prompts, answers, batch_size)
+    return torch.tensor([float((am == t).float().mean()) for _, am, t in res], dtype=torch.float32)
+
+
+def answer_argmax_tokens(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[list[int]]:
+    """The model's top-1 token at each answer position under teacher forcing.
+
+    Returns:
+        ``n`` lists, each as long as its answer's token ids.
+    """
+    return [am.tolist() for _, am, _ in _teacher_forced(model, tok, prompts, answers, batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# CounterFact
+
+
+def counterfact_case_scores(
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32
+) -> list[dict[str, Any]]:
+    """Efficacy, generalization and specificity of each CounterFact case (see the module docstring).
+
+    All (prompt, answer) pairs of all cases are scored together, identical pairs once.
+
+    Returns:
+        one dict per case: ``case_id``, ``efficacy`` (0/1), ``generalization`` and ``specificity``
+        (means of 0/1 indicators, None when the case has no such prompts), ``consistency`` (None),
+        and the raw NLLs ``rewrite_nll_new``/``rewrite_nll_true`` (floats),
+        ``paraphrase_nll_new``/``paraphrase_nll_true``, ``neighborhood_nll_new``/
+        ``neighborhood_nll_true`` (lists; "true" = each neighbourhood prompt's own answer).
+    """
+    index: dict[tuple[str, str], int] = {}
+
+    def slot(prompt: str, answer: str) -> int:
+        return index.setdefault((prompt, answer), len(index))
+
+    plan = []
+    for case in cases:
+        if case.ground_truth is None:
+            raise ValueError(f"case {case.case_id!r} has no ground_truth; CounterFact scores compare o* with it")
+        rewrite = (slot(case.prompt, case.target_new), slot(case.prompt, case.ground_truth))
+        para = [(slot(p, case.target_new), slot(p, case.ground_truth)) for p in case.rephrase_prompts]
+        neigh = [(slot(p, case.target_new), slot(p, a)) for p, a in zip(case.locality_prompts, case.locality_answers)]
+        plan.append((rewrite, para, neigh))
+    pairs = list(index)
+    nll = answer_nll(model, tok, [p for p, _ in pairs], [a for _, a in pairs], batch_size).tolist() if pairs else []
+
+    out = []
+    for case, (rewrite, para, neigh) in zip(cases, plan):
+        para_new, para_true = [nll[i] for i, _ in para], [nll[j] for _, j in para]
+        nb_new, nb_true = [nll[i] for i, _ in neigh], [nll[j] for _, j in neigh]
+        out.append({
+            "case_id": case.case_id,
+            "efficacy": float(nll[rewrite[0]] < nll[rewrite[1]]),
+            "generalization": _mean([float(n < t) for n, t in zip(para_new, para_true)]),
+            "specificity": _mean([float(t < n) for n, t in zip(nb_new, nb_true)]),
+            "consistency": None,
+            "rewrite_nll_new": nll[rewrite[0]],
+            "rewrite_nll_true": nll[rewrite[1]],
+            "paraphrase_nll_new": para_new,
+            "paraphrase_nll_true": para_true,
+            "neighborhood_nll_new": nb_new,
+            "neighborhood_nll_true": nb_true,
+        })
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+# ----------------------------------------------------------------------------------------------
+# fluency
+
+_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]", re.UNICODE)
+
+
+def word_tokens(text: str) -> list[str]:
+    """Split text into words (letters/digits, inner apostrophes kept) and single punctuation marks.
+
+    A dependency-free stand-in for ``nltk.word_tokenize`` (which ROME used); it differs only in
+    details such as contraction splitting ("don't" stays one token here).
+    """
+    return _WORD_RE.findall(text)
+
+
+def ngram_entropy(text: str, orders: Sequence[int] = NGRAM_ORDERS, weights: Sequence[float] = NGRAM_WEIGHTS) -> float:
+    """Weighted n-gram entropy of one text (ROME's fluency measure), in bits.
+
+    Definition: with ``f_n`` the relative frequencies of the distinct word n-grams of the text,
+    ``H_n = -sum f_n log2 f_n``; the score is the arithmetic mean of ``w_n * H_n`` over n, i.e.
+    with the defaults ``(2/3 * H_2 + 4/3 * H_3) / 2``. A text with fewer than n words has
+    ``H_n = 0``. Paper tables report this value x100 (e.g. 6.2 bits -> 620).
+    """
+    if len(orders) != len(weights) or not orders:
+        raise ValueError(f"need one weight per n-gram order, got orders={orders!r} weights={weights!r}")
+    words = word_tokens(text)
+    total = 0.0
+    for n, w in zip(orders, weights):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        m = sum(counts.values())
+        h = -sum((c / m) * math.log2(c / m) for c in counts.values()) if m else 0.0
+        total += w * h
+    return total / len(orders)
+
+
+def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tok, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def generate_greedy(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuation of each prompt, returned as the decoded prompt + continuation.
+
+    Prompts are tokenised with default special tokens, left-padded in batches of ``batch_size``
+    (sorted by length) and extended by up to ``max_new_tokens`` tokens; generation of a row stops
+    at the model's EOS token (which is not included in the text).
+    """
+    from transformers import GenerationConfig
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_pairs(prompts, prompts, batch_size)
+    encoded = []
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ValueError(f"prompts must be strings, got {p!r}")
+        ids = list(tok(p)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt {p!r} tokenises to no tokens; give a non-empty prompt")
+        encoded.append(ids)
+    pad = _pad_id(tok)
+    eos = _eos_ids(model, tok)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=pad, eos_token_id=eos or None,
+    )
+    device = _device(model)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                n = len(encoded[i])
+                ids[r, width - n :] = torch.tensor(encoded[i])
+                mask[r, width - n :] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+            new = out[:, width:].cpu().tolist()
+            for r, i in enumerate(idx):
+                cont = new[r]
+                for j, t in enumerate(cont):
+                    if t in eos:
+                        cont = cont[:j]
+                        break
+                texts[i] = tok.decode(encoded[i] + cont, skip_special_tokens=True)
+    return texts
+
+
+def fluency_scores(
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 16
+) -> list[float]:
+    """Weighted bi/tri-gram entropy (:func:`ngram_entropy`, bits) of the greedy generation per prompt.
+
+    The scored text is the prompt followed by up to ``max_new_tokens`` greedily generated tokens
+    (ROME scored prompt + generation too, but sampled with top-k 5 up to 100 tokens in total).
+    A case's fluency is the mean over its generation prompts; tables report it x100.
+    """
+    return [ngram_entropy(t) for t in generate_greedy(model, tok, prompts, max_new_tokens, batch_size)]
+
+
+def case_fluency(
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 16
+) -> list[float | None]:
+    """Per case, the mean :func:`fluency_scores` over its ``generation_prompts`` (None if it has none).
+
+    Repeated prompts are generated once (greedy decoding is deterministic) but keep their weight.
+    """
+    unique = list(dict.fromkeys(p for c in cases for p in c.generation_prompts))
+    scores = dict(zip(unique, fluency_scores(model, tok, unique, max_new_tokens, batch_size))) if unique else {}
+    return [_mean([scores[p] for p in c.generation_prompts]) for c in cases]
+
+
+# ----------------------------------------------------------------------------------------------
+# zsRE
+
+
+def zsre_locality_predictions(
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32
+) -> list[list[list[int]]]:
+    """Argmax tokens of the (unedited) model over each ``loc_ans`` after its ``loc`` prompt.
+
+    Call once on the unedited model; pass the result to :func:`zsre_case_scores`.
+
+    Returns:
+        per case, per locality prompt, the list of argmax token ids (one per answer token).
+    """
+    prompts = [p for c in cases for p in c.locality_prompts]
+    answers = [a for c in cases for a in c.locality_answers]
+    flat = answer_argmax_tokens(model, tok, prompts, answers, batch_size) if prompts else []
+    out, k = [], 0
+    for c in cases:
+        out.append(flat[k : k + len(c.locality_prompts)])
+        k += len(c.locality_prompts)
+    return out
+
+
+def zsre_case_scores(
+    model: torch.nn.Module,
+    tok: Any,
+    cases: Sequence[EditCase],
+    pre_locality_predictions: Sequence[Sequence[Sequence[int]]],
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Efficacy, generalization and specificity of each zsRE case (see the module docstring).
+
+    Args:
+        pre_locality_predictions: :func:`zsre_locality_predictions` of the unedited model on the
+            same cases with the same tokenizer.
+
+    Returns:
+        one dict per case: ``case_id``, ``efficacy`` (token accuracy of ``target_new`` after
+        ``prompt``), ``generalization`` (mean token accuracy over rephrases, None if none),
+        ``specificity`` (fraction of all locality answer tokens whose argmax is unchanged, None if
+        none), ``consistency`` (None), ``fluency`` (None) and ``locality_answer_accuracy``
+        (token accuracy against ``loc_ans`` itself, MEMIT's variant).
+    """
+    if len(pre_locality_predictions) != len(cases):
+        raise ValueError(
+            f"pre_locality_predictions has {len(pre_locality_predictions)} entries for {len(cases)} cases; "
+            "compute it with zsre_locality_predictions on the unedited model and the same cases"
+        )
+    prompts: list[str] = []
+    answers: list[str] = []
+    plan = []
+    for case in cases:
+        start = len(prompts)
+        prompts += [case.prompt] + case.rephrase_prompts + case.locality_prompts
+        answers += [case.target_new] * (1 + len(case.rephrase_prompts)) + case.locality_answers
+        plan.append(start)
+    res = _teacher_forced(model, tok, prompts, answers, batch_size) if prompts else []
+
+    def acc(r: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+        return float((r[1] == r[2]).float().mean())
+
+    out = []
+    for case, start, pre in zip(cases, plan, pre_locality_predictions):
+        n_re, n_loc = len(case.rephrase_prompts), len(case.locality_prompts)
+        loc_res = res[start + 1 + n_re : start + 1 + n_re + n_loc]
+        if len(pre) != n_loc or any(len(p) != len(r[1]) for p, r in zip(pre, loc_res)):
+            raise ValueError(
+                f"case {case.case_id!r}: pre_locality_predictions do not match its locality answers "
+                "(other cases or another tokenizer?); recompute them with zsre_locality_predictions"
+            )
+        same = sum(int((r[1] == torch.tensor(list(p), dtype=torch.long)).sum()) for p, r in zip(pre, loc_res))
+        total = sum(len(r[1]) for r in loc_res)
+        out.append({
+            "case_id": case.case_id,
+            "efficacy": acc(res[start]),
+            "generalization": _mean([acc(r) for r in res[start + 1 : start + 1 + n_re]]),
+            "specificity": same / total if total else None,
+            "fluency": None,
+            "consistency": None,
+            "locality_answer_accuracy": _mean([acc(r) for r in loc_res]),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of ``values`` and a percentile bootstrap ``1 - alpha`` confidence interval for it.
+
+    Resamples the values with replacement ``n_boot`` times (numpy Generator seeded by ``seed``)
+    and takes the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means.
+
+    Returns:
+        ``(mean, ci_low, ci_high)`` as floats.
+    """
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("bootstrap_ci got non-finite values; drop or fix them first")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if arr.min() == arr.max():  # degenerate bootstrap distribution: avoid float summation noise
+        c = float(arr[0])
+        return c, c, c
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(arr.mean()), float(lo), float(hi)
+
+
+def summarize(
+    case_scores: Sequence[dict[str, Any]],
+    keys: Sequence[str] = METRICS,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Mean and bootstrap CI of each metric over cases, skipping None / missing values.
+
+    Returns:
+        ``{key: {"mean", "ci_low", "ci_high", "n"}}``; a metric with no values (e.g. consistency)
+        gets None for mean and bounds and ``n = 0``.
+    """
+    summary = {}
+    for key in keys:
+        values = [float(s[key]) for s in case_scores if s.get(key) is not None]
+        if values:
+            mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, alpha=alpha, seed=seed)
+            summary[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(values)}
+        else:
+            summary[key] = {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
+    return summary
