@@ -449,6 +449,8 @@ def collect_second_moments(
 
 def _tensor_sample_bytes(t: torch.Tensor) -> bytes:
     """Strided sample of a tensor, rounded to bfloat16 (so fp32/bf16 copies of a model agree)."""
+    if t.is_meta:  # offloaded weights (accelerate): only the shape is known
+        return b"meta" + str(tuple(t.shape)).encode()
     flat = t.detach().reshape(-1)
     stride = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
     sample = flat[::stride][:_FINGERPRINT_ELEMENTS].float().to(torch.bfloat16).float().cpu()
@@ -462,7 +464,7 @@ def _module_pattern(name: str) -> str | None:
     if not idx:
         return None
     i = idx[-1]
-    return r"\.".join([re.escape(p) for p in parts[:i]] + [r"\d+"] + [re.escape(p) for p in parts[i + 1:]])
+    return r"\.".join([re.escape(p) for p in parts[:i]] + [r"\d+"] + [re.escape(p) for p in parts[i + 1:]]) + r"(\.|$)"
 
 
 def weights_fingerprint(model: nn.Module, module_names: Sequence[str]) -> str:

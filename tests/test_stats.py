@@ -467,3 +467,36 @@ def test_read_hub_corpus_without_datasets(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ValueError, match="pip install datasets"):
         read_corpus("wikipedia", 3)
+
+
+def test_hub_corpus_cache_hit_needs_no_hub(llama, tok, tmp_path, monkeypatch):
+    """A cached 'wikipedia' statistic is reused without contacting the hub (or needing datasets)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_hub(name, n):
+        calls.append((name, n))
+        return _make_texts(n, seed=5)
+
+    monkeypatch.setattr(stats, "_read_hf_corpus", fake_hub)
+    cache = tmp_path / "cache"
+    a = _get(llama, tok, "wikipedia", cache, n=6)
+    assert calls == [("wikipedia", 6)]
+    assert (cache / "tiny-llama__model.layers.1.mlp.down_proj__wikipedia__n6__len16.safetensors").exists()
+    b, layer0 = _layer0_calls(llama, lambda: _get(llama, tok, "wikipedia", cache, n=6))
+    assert calls == [("wikipedia", 6)] and layer0 == 0
+    assert torch.equal(a[NAMES[0]], b[NAMES[0]])
+
+
+def test_gpt2_fingerprint_ignores_mlp_c_proj_only(tok, corpus_file):
+    model = _gpt2()
+    name = "transformer.h.1.mlp.c_proj"
+    texts = read_corpus(str(corpus_file), 4)
+    meta = request_metadata(model, tok, name, str(corpus_file), texts, 4, 16)
+    assert meta["model_type"] == "gpt2" and meta["hidden_size"] == "32" and meta["num_layers"] == "4"
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight.add_(1.0)  # the edited kind, in the first block
+    assert request_metadata(model, tok, name, str(corpus_file), texts, 4, 16) == meta
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight.add_(1.0)  # same short name, other module
+    assert request_metadata(model, tok, name, str(corpus_file), texts, 4, 16) != meta
