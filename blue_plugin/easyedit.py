@@ -1,0 +1,492 @@
+"""EasyEdit integration: make ``BaseEditor`` run BLUE.
+
+EasyEdit (zjunlp/EasyEdit) is used as a git checkout whose ``easyeditor`` package is put on
+``sys.path``. It dispatches on ``hparams.alg_name`` through ``ALG_DICT`` and, in a few places,
+on hard-coded lists of algorithm names. :func:`register_with_easyedit` makes ``"BLUE"`` behave
+exactly as ``"MEMIT"`` / ``"AlphaEdit"`` in all of them:
+
+* ``easyeditor.util.alg_dict.ALG_DICT["BLUE"]`` -> :func:`apply_blue_easyedit` (a thin adapter
+  that imports :func:`blue_plugin.engine.apply_blue_to_model` lazily);
+* ``BatchEditor.is_batchable_method`` (an ``Enum`` staticmethod with a hard-coded chain of names)
+  is wrapped so that it also answers ``True`` for ``"BLUE"`` (``batch_edit`` asserts on it);
+* ``BaseEditor.__init__`` sets the tokenizer's padding side from literal name lists; the wrapper
+  builds a BLUE editor exactly as a MEMIT editor (the original ``__init__`` runs with
+  ``hparams.alg_name`` temporarily ``"MEMIT"``), then points it back at BLUE;
+* weight restore (``editors/utils.py``): MEMIT/AlphaEdit use the default path (copy
+  ``weights_copy`` back); BLUE needs nothing but not being in the special restore sets, which is
+  checked.
+
+Everything is idempotent and leaves other algorithms untouched (the wrappers only act when the
+algorithm name is ``"BLUE"``).
+
+Importing ``easyeditor`` imports all of EasyEdit, multimodal parts included. On a CPU machine
+with a current transformers two things cannot be installed from the package index:
+``torchvision`` (its index wheel is a CUDA build that breaks transformers' ``AutoProcessor``
+next to a CPU torch; ``timm`` needs it) and ``transformers.modeling_attn_mask_utils`` (removed
+from transformers after the 5.5 release that EasyEdit pins; only UnKE uses it).
+:func:`import_easyeditor` serves inert placeholders for exactly these modules, only while
+``easyeditor`` is being imported, only to importers inside ``easyeditor``, and only when the real
+module is missing. A placeholder raises :class:`ImportError` when anything from it is called, and
+is removed from ``sys.modules`` afterwards, so no other library ever sees it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALG_NAME",
+    "EASYEDIT_ROOT_ENV",
+    "EasyEditModel",
+    "apply_blue_easyedit",
+    "easyedit_hyperparams_base",
+    "easyedit_root",
+    "import_easyeditor",
+    "register_with_easyedit",
+    "try_register",
+    "with_model",
+]
+
+#: The name under which BLUE is registered in EasyEdit (``alg_name`` in the YAML files).
+ALG_NAME = "BLUE"
+#: Environment variable pointing at an EasyEdit checkout (the folder that contains ``easyeditor/``).
+EASYEDIT_ROOT_ENV = "EASYEDIT_ROOT"
+#: The EasyEdit algorithm BLUE is set up like by ``BaseEditor`` (model loading, padding side).
+_TEMPLATE_ALG = "MEMIT"
+#: Modules that may be served as placeholders during ``import easyeditor`` (see module docstring).
+_SHIMMABLE = ("torchvision", "timm", "transformers.modeling_attn_mask_utils")
+_MARK = "__blue_plugin_wrapped__"
+_SHIM_HINT = (
+    "this is a placeholder that blue_plugin served while importing EasyEdit, because the module is "
+    "not installed; it is only needed by EasyEdit's multimodal / UnKE code. Install it (torchvision "
+    "and timm: a torchvision build matching your torch; modeling_attn_mask_utils: transformers==5.5.4) "
+    "to use that part of EasyEdit."
+)
+
+# What the last successful import_easyeditor() served as placeholders (for the registration report).
+_last_shims: list[str] = []
+
+
+# ------------------------------------------------------------------------------------------------
+# Locating and importing EasyEdit
+# ------------------------------------------------------------------------------------------------
+def easyedit_root(root: Optional[str | os.PathLike] = None) -> Optional[Path]:
+    """The EasyEdit checkout to use: ``root`` if given, else ``$EASYEDIT_ROOT``, else ``None``.
+
+    Raises :class:`ValueError` when the folder given does not contain ``easyeditor/__init__.py``.
+    """
+    source = "root argument"
+    if root is None:
+        env = os.environ.get(EASYEDIT_ROOT_ENV, "").strip()
+        if not env:
+            return None
+        root, source = env, f"${EASYEDIT_ROOT_ENV}"
+    path = Path(root).expanduser().resolve()
+    if not (path / "easyeditor" / "__init__.py").is_file():
+        raise ValueError(
+            f"{source} = {str(root)!r} is not an EasyEdit checkout: {path / 'easyeditor' / '__init__.py'} "
+            "does not exist. Point it at the folder that contains 'easyeditor/' "
+            "(git clone https://github.com/zjunlp/EasyEdit)."
+        )
+    return path
+
+
+class _Placeholder:
+    """Stands for any object imported from a missing module; calling it raises ImportError."""
+
+    def __init__(self, qualname: str) -> None:
+        self._qualname = qualname
+
+    def __getattr__(self, name: str) -> "_Placeholder":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(f"{self._qualname}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{self._qualname}: {_SHIM_HINT}")
+
+    def __repr__(self) -> str:
+        return f"<blue_plugin placeholder {self._qualname}>"
+
+
+class _PlaceholderModule(types.ModuleType):
+    """A module whose every attribute is a :class:`_Placeholder`."""
+
+    __blue_plugin_placeholder__ = True
+
+    def __getattr__(self, name: str) -> _Placeholder:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(f"{self.__name__}.{name}")
+
+
+def _importer_module() -> str:
+    """``__name__`` of the module whose import statement is being resolved (skips importlib)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (frame.f_code.co_filename.startswith("<frozen") or name == "importlib" or name.startswith("importlib.")):
+            return name
+        frame = frame.f_back
+    return ""
+
+
+class _CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Last-resort finder: serves placeholders for :data:`_SHIMMABLE` modules to easyeditor only.
+
+    It is appended to the end of ``sys.meta_path``, so the import system asks it only after every
+    real finder failed, i.e. only for modules that are really missing.
+    """
+
+    def __init__(self) -> None:
+        self.served: list[str] = []
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        if not any(fullname == m or fullname.startswith(m + ".") for m in _SHIMMABLE):
+            return None
+        importer = _importer_module()
+        if not (importer == "easyeditor" or importer.startswith("easyeditor.")):
+            return None  # e.g. transformers probing whether torchvision is installed
+        parent = fullname.rpartition(".")[0]
+        if parent and fullname not in _SHIMMABLE:
+            # a submodule: only below a placeholder package, never inside a real one
+            if not getattr(sys.modules.get(parent), "__blue_plugin_placeholder__", False):
+                return None
+        self.served.append(fullname)
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec):
+        return _PlaceholderModule(spec.name)
+
+    def exec_module(self, module) -> None:
+        module.__path__ = []  # a package, so that its submodules come here as well
+
+
+def _drop_modules(prefix: str) -> None:
+    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
+        del sys.modules[name]
+
+
+def import_easyeditor(root: Optional[str | os.PathLike] = None, *, compat: bool = True) -> types.ModuleType:
+    """Import and return the ``easyeditor`` package.
+
+    ``root`` (or ``$EASYEDIT_ROOT``) is the EasyEdit checkout; it is put first on ``sys.path``.
+    Without either, ``easyeditor`` must already be importable. With ``compat=True`` the
+    placeholders described in the module docstring are served for missing modules during the
+    import (and removed again afterwards). Raises :class:`ImportError` saying which package to
+    install when EasyEdit cannot be imported.
+    """
+    global _last_shims
+    if "easyeditor" in sys.modules and getattr(sys.modules["easyeditor"], "BaseEditor", None) is not None:
+        return sys.modules["easyeditor"]
+    path = easyedit_root(root)
+    if path is not None and str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    if importlib.util.find_spec("easyeditor") is None:
+        raise ImportError(
+            "easyeditor is not importable: clone https://github.com/zjunlp/EasyEdit and pass its folder "
+            f"as root=... or set {EASYEDIT_ROOT_ENV}=/path/to/EasyEdit."
+        )
+    finder = _CompatFinder() if compat else None
+    if finder is not None:
+        sys.meta_path.append(finder)
+    try:
+        module = importlib.import_module("easyeditor")
+    except Exception as exc:
+        _drop_modules("easyeditor")  # a later retry starts clean
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        hint = (
+            f"install the missing package ({missing!r}; see docs/easyedit.md for the full list)"
+            if missing
+            else "see docs/easyedit.md (a torchvision installed for CUDA next to a CPU torch breaks "
+            "transformers' AutoProcessor: uninstall torchvision and timm, or install matching builds)"
+        )
+        raise ImportError(f"importing EasyEdit failed: {type(exc).__name__}: {exc}; {hint}") from exc
+    finally:
+        if finder is not None:
+            sys.meta_path.remove(finder)
+            for name in finder.served:
+                mod = sys.modules.get(name)
+                if getattr(mod, "__blue_plugin_placeholder__", False):
+                    del sys.modules[name]
+    _last_shims = list(finder.served) if finder is not None else []
+    if _last_shims:
+        logger.info("EasyEdit imported with placeholders for missing optional modules: %s", ", ".join(_last_shims))
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# The adapter EasyEdit calls
+# ------------------------------------------------------------------------------------------------
+def apply_blue_easyedit(
+    model,
+    tok,
+    requests: Sequence[dict],
+    hparams,
+    copy: bool = False,
+    return_orig_weights: bool = False,
+    keep_original_weight: bool = False,
+    **kwargs: Any,
+):
+    """EasyEdit's ``apply_algo`` for BLUE: forwards to :func:`blue_plugin.engine.apply_blue_to_model`.
+
+    EasyEdit calls it as ``apply_algo(model, tok, requests, hparams, copy=False,
+    return_orig_weights=True[, keep_original_weight=False, train_ds=None])`` and expects
+    ``(model, weights_copy)`` with ``weights_copy`` mapping full parameter names to their
+    pre-edit tensors (it copies them back after a non-sequential edit).
+    """
+    from .engine import apply_blue_to_model  # lazy: the engine is heavy and EasyEdit may be absent
+
+    kwargs.pop("train_ds", None)  # only meaningful for IKE; EasyEdit passes train_ds=None
+    return apply_blue_to_model(
+        model,
+        tok,
+        requests,
+        hparams,
+        copy=copy,
+        return_orig_weights=return_orig_weights,
+        keep_original_weight=keep_original_weight,
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Passing a loaded model to BaseEditor
+# ------------------------------------------------------------------------------------------------
+class EasyEditModel(tuple):
+    """``(model, tok)`` for ``hparams.model_name``, with a name.
+
+    EasyEdit's ``BaseEditor`` accepts ``hparams.model_name = (model, tok)`` instead of a name, but
+    its evaluators then call ``model_name.lower()``, which a bare tuple does not have. This tuple
+    answers ``lower()`` / ``str()`` with ``name``.
+    """
+
+    name: str
+
+    def __new__(cls, model, tok, name: Optional[str] = None) -> "EasyEditModel":
+        if model is None or tok is None:
+            raise ValueError("EasyEditModel needs a model and its tokenizer, got None.")
+        obj = super().__new__(cls, (model, tok))
+        if name is None:
+            config = getattr(model, "config", None)
+            name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__
+        obj.name = str(name)
+        return obj
+
+    def __getnewargs__(self):
+        return (self[0], self[1], self.name)
+
+    def lower(self) -> str:
+        return self.name.lower()
+
+    def split(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.name.split(*args, **kwargs)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"EasyEditModel({self.name!r})"
+
+
+def with_model(hparams, model, tok, name: Optional[str] = None):
+    """A copy of ``hparams`` whose ``model_name`` is ``EasyEditModel(model, tok, name)``.
+
+    ``BaseEditor.from_hparams(with_model(hp, model, tok))`` then edits this model instead of
+    loading one by name (EasyEdit picks loaders by substrings of ``model_name``). ``device`` is set
+    to the device of the model's weights, because ``BaseEditor`` moves the model to
+    ``hparams.device`` (an integer there means ``cuda:N``).
+    """
+    import dataclasses
+
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        raise ValueError("with_model: 'model' must be a torch module with parameters.") from None
+    new = dataclasses.replace(hparams) if dataclasses.is_dataclass(hparams) else __import__("copy").copy(hparams)
+    new.model_name = EasyEditModel(model, tok, name)
+    new.device = str(device)
+    return new
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+def _is_batchable_wrapper(original):
+    def is_batchable_method(alg_name: str) -> bool:
+        return alg_name == ALG_NAME or original(alg_name)
+
+    is_batchable_method.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(is_batchable_method, _MARK, True)
+    return is_batchable_method
+
+
+def _init_wrapper(original, alg_dict: dict):
+    def __init__(self, hparams, *args: Any, **kwargs: Any) -> None:
+        if getattr(hparams, "alg_name", None) != ALG_NAME:
+            return original(self, hparams, *args, **kwargs)
+        # Build the editor exactly as for MEMIT (model loading, padding side), then switch to BLUE.
+        hparams.alg_name = _TEMPLATE_ALG
+        try:
+            original(self, hparams, *args, **kwargs)
+        finally:
+            hparams.alg_name = ALG_NAME
+        self.alg_name = ALG_NAME
+        self.apply_algo = alg_dict[ALG_NAME]
+
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    __init__.__doc__ = getattr(original, "__doc__", None)
+    setattr(__init__, _MARK, True)
+    return __init__
+
+
+def register_with_easyedit(
+    verbose: bool = True,
+    root: Optional[str | os.PathLike] = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Register ``BLUE`` with EasyEdit (importing it first, see :func:`import_easyeditor`).
+
+    Idempotent: a second call changes nothing and reports ``"already"`` for each point. Raises
+    :class:`ImportError` when EasyEdit cannot be imported and :class:`ValueError` when
+    ``ALG_DICT["BLUE"]`` already holds a different function (pass ``force=True`` to replace it).
+    Returns a report ``{point: what was done}`` (also logged at INFO level when ``verbose``).
+    """
+    ee = import_easyeditor(root)
+    from easyeditor.editors import batch_editor as be_mod  # type: ignore
+    from easyeditor.editors import editor as ed_mod  # type: ignore
+    from easyeditor.util import alg_dict as ad_mod  # type: ignore
+
+    report: dict[str, Any] = {"alg_name": ALG_NAME, "easyeditor": str(Path(ee.__file__).parent)}
+
+    # 1. ALG_DICT (the editor module star-imports the same dict; cover both if they ever differ).
+    dicts = [ad_mod.ALG_DICT]
+    if getattr(ed_mod, "ALG_DICT", ad_mod.ALG_DICT) is not ad_mod.ALG_DICT:
+        dicts.append(ed_mod.ALG_DICT)
+    status = "already"
+    for d in dicts:
+        current = d.get(ALG_NAME)
+        if current is apply_blue_easyedit:
+            continue
+        if current is not None and not force:
+            raise ValueError(
+                f"EasyEdit's ALG_DICT[{ALG_NAME!r}] already holds {current!r}; "
+                "call register_with_easyedit(force=True) to replace it with blue_plugin's BLUE."
+            )
+        d[ALG_NAME] = apply_blue_easyedit
+        status = "registered" if current is None else "replaced"
+    report["ALG_DICT"] = status
+
+    # 2. BatchEditor.is_batchable_method (batch_edit asserts on it).
+    batch_editor = be_mod.BatchEditor
+    current = batch_editor.is_batchable_method
+    if getattr(current, _MARK, False):
+        report["is_batchable_method"] = "already"
+    elif current(ALG_NAME):
+        report["is_batchable_method"] = "native"
+    else:
+        setattr(batch_editor, "is_batchable_method", staticmethod(_is_batchable_wrapper(current)))
+        report["is_batchable_method"] = "wrapped"
+
+    # 3. BaseEditor.__init__ (padding side chosen from literal lists of names).
+    base_editor = ed_mod.BaseEditor
+    init = base_editor.__dict__.get("__init__")
+    if getattr(init, _MARK, False):
+        report["BaseEditor.__init__"] = "already"
+    else:
+        base_editor.__init__ = _init_wrapper(init, ad_mod.ALG_DICT)
+        report["BaseEditor.__init__"] = f"wrapped (BLUE is set up like {_TEMPLATE_ALG})"
+
+    # 4. Weight restore: BLUE must take the default weights_copy path, as MEMIT/AlphaEdit do.
+    try:
+        from easyeditor.editors import utils as eu_mod  # type: ignore
+    except ImportError:  # pragma: no cover - older EasyEdit
+        eu_mod = None
+    special = {
+        name: getattr(eu_mod, name)
+        for name in ("CALLABLE_RESTORE_ALGS", "PEFT_RESTORE_ALGS", "KEEP_EDITED_MODEL_ALGS")
+        if eu_mod is not None and hasattr(eu_mod, name)
+    }
+    clash = [name for name, algs in special.items() if ALG_NAME in algs]
+    if clash:
+        raise ValueError(
+            f"EasyEdit lists {ALG_NAME!r} in {', '.join(clash)}; BLUE returns a weights_copy dict and "
+            "must use the default restore path. Remove it from those sets."
+        )
+    report["restore"] = "default weights_copy path (as MEMIT/AlphaEdit)" if special else "n/a (no restore lists)"
+
+    # 5. Facts the user may want to know.
+    try:
+        from easyeditor.util.hparams import HyperParams  # type: ignore
+
+        from .hparams import BLUEHyperParams
+
+        report["BLUEHyperParams_is_EasyEdit_HyperParams"] = issubclass(BLUEHyperParams, HyperParams)
+    except Exception as exc:  # pragma: no cover - hparams module missing or broken
+        report["BLUEHyperParams_is_EasyEdit_HyperParams"] = f"unknown ({exc})"
+    report["placeholders"] = list(_last_shims)
+    if verbose:
+        logger.info("BLUE registered with EasyEdit: %s", report)
+    return report
+
+
+def _available_root() -> tuple[bool, Optional[Path]]:
+    """Whether EasyEdit looks available (without importing it), and the checkout to use."""
+    if os.environ.get("BLUE_PLUGIN_NO_EASYEDIT", "").strip() not in ("", "0"):
+        return False, None
+    try:
+        root = easyedit_root()
+    except ValueError as exc:
+        logger.warning("ignoring EasyEdit: %s", exc)
+        return False, None
+    if root is None and "easyeditor" not in sys.modules:
+        try:
+            if importlib.util.find_spec("easyeditor") is None:
+                return False, None
+        except (ImportError, ValueError):
+            return False, None
+    return True, root
+
+
+def easyedit_hyperparams_base() -> Optional[type]:
+    """EasyEdit's ``HyperParams`` class when EasyEdit is available (same rules as
+    :func:`try_register`; imported with :func:`import_easyeditor`), else ``None``. Meant for
+    choosing the base class of :class:`~blue_plugin.hparams.BLUEHyperParams`."""
+    available, root = _available_root()
+    if not available:
+        return None
+    try:
+        import_easyeditor(root)
+        from easyeditor.util.hparams import HyperParams  # type: ignore
+    except (ImportError, ValueError) as exc:
+        logger.warning("EasyEdit found but not importable: %s", exc)
+        return None
+    return HyperParams
+
+
+def try_register() -> Optional[dict[str, Any]]:
+    """Register BLUE if EasyEdit is importable; otherwise return ``None`` quietly.
+
+    Called when ``blue_plugin`` is imported. EasyEdit counts as available when ``easyeditor``
+    is already imported, is on ``sys.path``, or ``$EASYEDIT_ROOT`` names a checkout. Set
+    ``BLUE_PLUGIN_NO_EASYEDIT=1`` to skip this (importing EasyEdit takes several seconds).
+    Problems (EasyEdit present but not importable, ``BLUE`` taken) are logged as warnings.
+    """
+    available, root = _available_root()
+    if not available:
+        return None
+    try:
+        return register_with_easyedit(verbose=False, root=root)
+    except (ImportError, ValueError) as exc:
+        logger.warning("EasyEdit found but BLUE was not registered: %s", exc)
+        return None
