@@ -271,6 +271,30 @@ class TestHelpers:
             E.with_model(hp, object(), object())
 
 
+PAPER_YAMLS = {
+    # file: (critical layers, boundary layers, v_num_grad_steps, v_lr, mom2_update_weight, L2 with BLUE, rewrite module)
+    "gpt2-xl": ([13, 14, 15, 16, 17], [13, 17], 20, 0.5, 20000.0, 80.0, "transformer.h.{}.mlp.c_proj"),
+    "gpt-j-6b": ([3, 4, 5, 6, 7, 8], [3, 8], 25, 0.5, 15000.0, 95.0, "transformer.h.{}.mlp.fc_out"),
+    "llama3-8b": ([4, 5, 6, 7, 8], [4, 8], 25, 0.1, 15000.0, 1.0, "model.layers.{}.mlp.down_proj"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_YAMLS))
+def test_paper_yamls_load_with_every_base_method(name):
+    from blue_plugin.hparams import BLUEHyperParams
+
+    layers, boundary, steps, lr, lam, l2, rewrite = PAPER_YAMLS[name]
+    hp = BLUEHyperParams.from_hparams(REPO_ROOT / "hparams" / "BLUE" / f"{name}.yaml")
+    assert (hp.alg_name, hp.blue, hp.layers, hp.edit_layers) == ("BLUE", True, layers, boundary)
+    assert (hp.v_num_grad_steps, hp.v_lr, hp.mom2_update_weight, hp.L2) == (steps, lr, lam, l2)
+    assert (hp.nullspace_threshold, hp.clamp_norm_factor, hp.kl_factor) == (2e-2, 0.75, 0.0625)
+    assert hp.rewrite_module_tmp == rewrite and hp.mom2_dataset == "wikipedia"
+    for base in ("MEMIT", "RECT", "PRUNE", "AlphaEdit"):
+        for blue in (True, False):
+            other = hp.replace(base_method=base, blue=blue)
+            assert other.edit_layers == (boundary if blue else layers)
+
+
 # ------------------------------------------------------------------------------------------------
 # The real EasyEdit (needs EASYEDIT_ROOT)
 # ------------------------------------------------------------------------------------------------
