@@ -171,7 +171,8 @@ class Editor:
     def _targets(self, reqs: list[EditRequest], prefixes: list[str], layer: int, record: dict) -> TargetResult:
         t0 = time.perf_counter()
         rows = target_rows(self.tok, reqs, prefixes, self.hp.fact_token)
-        res = compute_targets(self.model, self.tok, self.layout.block(layer), rows, len(reqs), len(prefixes), self.hp)
+        lower = [self.layout.block(i) for i in range(layer)] if self.hp.v_replay_lower_layers else ()
+        res = compute_targets(self.model, self.tok, self.layout.block(layer), rows, len(reqs), len(prefixes), self.hp, lower)
         record["time"]["targets"] += time.perf_counter() - t0
         record["steps"][layer] = res.steps
         record["nll"][layer] = res.nll

@@ -109,3 +109,61 @@ def frozen(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped block: returns its hidden-state input unchanged."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name):  # attributes such as attention_type used by the parent model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(_PassThrough):
+    """Stands in for the block whose output is cached: returns that output."""
+
+    def __init__(self, original: nn.Module, output):
+        super().__init__(original)
+        object.__setattr__(self, "_output", output)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return object.__getattribute__(self, "_output")
+
+
+def _split(name: str) -> tuple[str, int]:
+    parent, _, index = name.rpartition(".")
+    if not index.isdigit():
+        raise ValueError(f"block name {name!r} does not end in a layer index")
+    return parent, int(index)
+
+
+@contextmanager
+def replay_blocks(model: nn.Module, lower_blocks: Sequence[str], block_name: str, output) -> Iterator[None]:
+    """Run the model with blocks ``lower_blocks`` skipped and block ``block_name`` replaced by a
+    module that returns ``output`` (its cached output for the same batch).
+
+    Valid only when the blocks below and at ``block_name`` see nothing that changes between the
+    caching pass and the replay (here: the delta is added after ``block_name``). The original
+    modules are put back on exit.
+    """
+    swaps = []
+    try:
+        for name in list(lower_blocks) + [block_name]:
+            parent_name, index = _split(name)
+            parent = model.get_submodule(parent_name)
+            original = parent[index]
+            parent[index] = _Replay(original, output) if name == block_name else _PassThrough(original)
+            swaps.append((parent, index, original))
+        yield
+    finally:
+        for parent, index, original in reversed(swaps):
+            parent[index] = original

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .hooks import add_delta, capture
+from .hooks import add_delta, capture, replay_blocks, run_until
 from .hparams import BLUEHyperParams
 from .requests import Row, pad_rows
 
@@ -72,12 +74,17 @@ def compute_targets(
     n_requests: int,
     n_prefixes: int,
     hparams: BLUEHyperParams,
+    lower_blocks: Sequence[str] = (),
 ) -> TargetResult:
     """Optimise the targets at block ``block_name`` for ``n_requests`` requests.
 
     ``rows`` come from :func:`blue_plugin.requests.target_rows`: ``n_prefixes`` rewriting rows
     per request (request-major, the first one with the empty prefix) followed by one KL row per
     request. The model's parameters must not require grad (see :func:`blue_plugin.hooks.frozen`).
+
+    ``lower_blocks`` (the names of all blocks below ``block_name``, in order) turns on replay:
+    the output of ``block_name`` is computed once per chunk and the blocks up to it are skipped
+    in every optimisation step, which gives the same numbers for less compute.
     """
     param = next(model.parameters())
     device = param.device
@@ -111,29 +118,49 @@ def compute_targets(
 
     for it in range(hparams.v_num_grad_steps):
         if plan is None or plan.active != active:
-            plan = _BatchPlan(rw_rows, kl_rows, active, n_prefixes, pad_id, device)
+            plan = _BatchPlan(rw_rows, kl_rows, active, n_prefixes, pad_id, device, hparams.v_max_batch_tokens)
+            if lower_blocks:
+                plan.cache_block_outputs(model, block_name)
+        last = it == hparams.v_num_grad_steps - 1
         d_act = delta[plan.active_t].clone().requires_grad_(True)
-        with add_delta(model, block_name, plan.row_idx, plan.row_pos, d_act[plan.row_req]):
-            hidden = last_hidden(model, plan.batch)
-        # Log-probabilities only where they are needed: target positions and KL positions.
-        tgt_logp = F.log_softmax(head_logits(model, hidden[plan.tgt_row, plan.tgt_pos]), dim=-1)
-        tok_nll = -tgt_logp.gather(1, plan.tgt_tok.unsqueeze(1)).squeeze(1)
-        row_nll = torch.zeros(plan.n_rw, device=device).index_add_(0, plan.tgt_row, tok_nll) / plan.tgt_count
-        nll = row_nll.view(len(active), n_prefixes).mean(dim=1)
-        kl_lp = F.log_softmax(head_logits(model, hidden[plan.kl_row, plan.kl_pos]), dim=-1)
-        kl = F.kl_div(kl_start[plan.active_t], kl_lp, log_target=True, reduction="none").sum(dim=1)
+        nll = torch.zeros(len(active), device=device)
+        kl = torch.zeros(len(active), device=device)
+        # Rows are processed in length-sorted chunks: less padding and bounded activation
+        # memory. The loss is a sum over rows, so gradients simply accumulate in d_act.
+        for ch in plan.chunks:
+            with torch.set_grad_enabled(not last):
+                with _maybe_replay(model, lower_blocks, block_name, ch.cached):
+                    with add_delta(model, block_name, ch.row_idx, ch.row_pos, d_act[ch.row_req]):
+                        hidden = last_hidden(model, ch.batch)
+                part = torch.zeros(len(active), device=device)
+                if ch.n_rw:
+                    # Log-probabilities only where needed: the target positions.
+                    logp = F.log_softmax(head_logits(model, hidden[ch.tgt_row, ch.tgt_pos]), dim=-1)
+                    tok_nll = -logp.gather(1, ch.tgt_tok.unsqueeze(1)).squeeze(1)
+                    row_nll = torch.zeros(ch.n_rw, device=device).index_add_(0, ch.tgt_row, tok_nll) / ch.tgt_count
+                    part_nll = torch.zeros(len(active), device=device).index_add_(0, ch.rw_req, row_nll / n_prefixes)
+                    nll += part_nll.detach()
+                    part = part + part_nll
+                if len(ch.kl_row):
+                    kl_lp = F.log_softmax(head_logits(model, hidden[ch.kl_row, ch.row_pos[ch.kl_row]]), dim=-1)
+                    kl_rows_val = F.kl_div(kl_start[plan.active_t[ch.kl_req]], kl_lp, log_target=True, reduction="none").sum(dim=1)
+                    part_kl = torch.zeros(len(active), device=device).index_add_(0, ch.kl_req, kl_rows_val)
+                    kl += part_kl.detach()
+                    part = part + hparams.kl_factor * part_kl
+            if not last:
+                part.sum().backward()
         wd = hparams.v_weight_decay * d_act.norm(dim=1) / h_norm[plan.active_t] ** 2
-        loss = nll + hparams.kl_factor * kl + wd
+        loss = nll + hparams.kl_factor * kl + wd.detach()
 
-        done = (loss.detach() < hparams.v_early_stop_loss).tolist()
+        done = (loss < hparams.v_early_stop_loss).tolist()
         for k, j in enumerate(active):
-            nll_final[j] = float(nll[k].detach())
+            nll_final[j] = float(nll[k])
             if done[k]:
                 steps[j] = it
         keep = [k for k in range(len(active)) if not done[k]]
-        if not keep or it == hparams.v_num_grad_steps - 1:
+        if not keep or last:
             break
-        loss[keep].sum().backward()
+        wd.sum().backward()
         keep_t = torch.tensor(keep, device=device)
         rows_t = plan.active_t[keep_t]
         opt.step(delta, d_act.grad[keep_t], rows_t)
@@ -147,35 +174,89 @@ def compute_targets(
     return TargetResult(z=(h + delta).detach(), h=h.detach(), steps=steps, nll=nll_final)
 
 
-class _BatchPlan:
-    """Padded batch and index tensors for the rows of the active requests (rewriting rows of
-    each active request, then their KL rows). Rebuilt only when the active set changes."""
+@dataclass
+class _Chunk:
+    """One padded micro-batch: ``row_req`` maps rows to active-request slots; rewriting rows
+    come first (``n_rw`` of them, with target positions), then KL rows (``kl_row``)."""
 
-    def __init__(self, rw_rows: list[Row], kl_rows: list[Row], active: list[int], n_prefixes: int, pad_id: int, device):
+    batch: dict
+    row_idx: torch.Tensor
+    row_pos: torch.Tensor
+    row_req: torch.Tensor
+    n_rw: int
+    rw_req: torch.Tensor
+    tgt_row: torch.Tensor
+    tgt_pos: torch.Tensor
+    tgt_tok: torch.Tensor
+    tgt_count: torch.Tensor
+    kl_row: torch.Tensor
+    kl_req: torch.Tensor
+    cached: Optional[torch.Tensor] = None
+
+
+class _BatchPlan:
+    """Chunks of the rows of the active requests, sorted by length so each chunk pads little and
+    holds at most ``max_tokens`` padded tokens. Rebuilt only when the active set changes."""
+
+    def __init__(self, rw_rows, kl_rows, active, n_prefixes, pad_id, device, max_tokens: int):
         self.active = list(active)
         self.active_t = torch.tensor(active, device=device)
-        act_rw = [rw_rows[j * n_prefixes + p] for j in active for p in range(n_prefixes)]
-        act_kl = [kl_rows[j] for j in active]
-        rows = act_rw + act_kl
-        self.n_rw = len(act_rw)
-        self.batch = pad_rows(rows, pad_id, device)
         local = {j: k for k, j in enumerate(active)}
-        self.row_req = torch.tensor([local[r.request] for r in rows], device=device)
-        self.row_pos = torch.tensor([r.lookup for r in rows], device=device)
-        self.row_idx = torch.arange(len(rows), device=device)
+        tagged = [(r, True) for j in active for r in rw_rows[j * n_prefixes:(j + 1) * n_prefixes]]
+        tagged += [(kl_rows[j], False) for j in active]
+        tagged.sort(key=lambda t: len(t[0].ids))
+        groups, cur = [], []
+        for item in tagged:
+            width = len(item[0].ids)  # sorted: the newest row is the widest
+            if cur and width * (len(cur) + 1) > max_tokens:
+                groups.append(cur)
+                cur = []
+            cur.append(item)
+        if cur:
+            groups.append(cur)
+        self.chunks = [self._chunk(g, local, pad_id, device) for g in groups]
+
+    @torch.no_grad()
+    def cache_block_outputs(self, model, block_name: str) -> None:
+        """Store each chunk's output of ``block_name`` (no delta), for replay."""
+        for ch in self.chunks:
+            with capture(model, outputs_of=[block_name], stop_after=block_name) as store:
+                run_until(model, **ch.batch)
+            ch.cached = store[f"out:{block_name}"]
+
+    @staticmethod
+    def _chunk(group, local, pad_id, device) -> _Chunk:
+        rw = [r for r, is_rw in group if is_rw]
+        kl = [r for r, is_rw in group if not is_rw]
+        rows = rw + kl
+        t = lambda xs, **kw: torch.tensor(xs, device=device, **kw)
         tgt_row, tgt_pos, tgt_tok, count = [], [], [], []
-        for k, r in enumerate(act_rw):
+        for k, r in enumerate(rw):
             n = len(r.targets)
             tgt_row += [k] * n
             tgt_pos += list(range(r.target_start - 1, r.target_start - 1 + n))
             tgt_tok += list(r.targets)
             count.append(n)
-        self.tgt_row = torch.tensor(tgt_row, device=device)
-        self.tgt_pos = torch.tensor(tgt_pos, device=device)
-        self.tgt_tok = torch.tensor(tgt_tok, device=device)
-        self.tgt_count = torch.tensor(count, device=device, dtype=torch.float32)
-        self.kl_row = torch.arange(self.n_rw, len(rows), device=device)
-        self.kl_pos = self.row_pos[self.n_rw:]
+        return _Chunk(
+            batch=pad_rows(rows, pad_id, device),
+            row_idx=torch.arange(len(rows), device=device),
+            row_pos=t([r.lookup for r in rows]),
+            row_req=t([local[r.request] for r in rows]),
+            n_rw=len(rw),
+            rw_req=t([local[r.request] for r in rw], dtype=torch.long),
+            tgt_row=t(tgt_row, dtype=torch.long),
+            tgt_pos=t(tgt_pos, dtype=torch.long),
+            tgt_tok=t(tgt_tok, dtype=torch.long),
+            tgt_count=t(count, dtype=torch.float32),
+            kl_row=torch.arange(len(rw), len(rows), device=device),
+            kl_req=t([local[r.request] for r in kl], dtype=torch.long),
+        )
+
+
+def _maybe_replay(model, lower_blocks, block_name, cached):
+    if cached is None:
+        return nullcontext()
+    return replay_blocks(model, lower_blocks, block_name, cached)
 
 
 def last_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
