@@ -1,10 +1,37 @@
 """blue_plugin: BLUE (Boundary Layer UpdatE) for locate-then-edit model editing.
 
 Public API: :class:`BLUEHyperParams`, :func:`apply_blue_to_model`, :func:`load_model`,
-:class:`EditState`, :func:`register_with_easyedit`.
+:class:`EditState` / :func:`get_state` / :func:`reset_state`, :func:`register_with_easyedit`.
+
+Importing the package registers ``BLUE`` with EasyEdit when ``easyeditor`` is importable, and
+does nothing otherwise.
 """
 import logging
+
+from .engine import Editor, apply_blue_to_model
+from .errors import BLUEConfigError, BLUEEditError, BLUERequestError
+from .hparams import BLUEHyperParams
+from .models import default_cache_dir, load_model
+from .state import EditState, get_state, reset_state
+from .easyedit import register_with_easyedit, try_register
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BLUEHyperParams",
+    "BLUEConfigError",
+    "BLUEEditError",
+    "BLUERequestError",
+    "EditState",
+    "Editor",
+    "apply_blue_to_model",
+    "default_cache_dir",
+    "get_state",
+    "load_model",
+    "register_with_easyedit",
+    "reset_state",
+]
+
+try_register()
