@@ -1,0 +1,407 @@
+"""Second-moment statistics sharded over processes with ``torch.distributed``.
+
+Launched with ``torchrun`` (or any launcher that sets the usual ``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables), every process (rank) loads the
+model, reads the same corpus, and takes a deterministic shard of its documents: document ``i``
+goes to rank ``i % world_size`` (:func:`shard_indices`; shard sizes differ by at most one, a rank
+may get none). Each rank accumulates float64 sums of k k^T and token counts with
+:func:`blue_plugin.stats.collect_second_moments`; the sums and counts are all-reduced (SUM), and
+rank 0 writes the cache files -- the same files, names and metadata as the single-process
+:func:`blue_plugin.stats.get_second_moments`, so the editing engine finds them. The other ranks
+wait at a barrier until the files are written.
+
+Equality with a single process: a sum of float64 sums equals the single-process sum up to float64
+rounding. The keys themselves come from float32 forward passes whose batches (and so padding
+widths) differ between a sharded and an unsharded run; with ``batch_size=1`` no batch depends on
+the sharding and the results agree to ~1e-12 relative, otherwise to float32 rounding of the keys.
+
+Backends: ``nccl`` when the ranks run on CUDA devices (``cuda:LOCAL_RANK``), ``gloo`` on CPU.
+Without a launcher (``WORLD_SIZE`` unset or 1) everything runs in one process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import stats
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size`` processes, ``local_rank`` on its node,
+    the ``device`` it computes on and the process-group ``backend`` (``None``: single process)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Device that collectives need their tensors on (CUDA for nccl, CPU for gloo)."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher") from None
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def init_distributed(device: str | torch.device | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group described by the launcher's environment, if there is one.
+
+    Reads ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (set by ``torchrun``). With more than one
+    process and no group yet, initialises one (``env://``) with backend ``nccl`` when ``device``
+    is a CUDA device and ``gloo`` otherwise. An already initialised group is used as it is.
+
+    Args:
+        device: where this rank computes; default ``cuda:LOCAL_RANK`` if CUDA is available,
+            else the CPU. A CUDA device becomes the current device.
+        timeout_s: collective timeout (the statistics pass of a large model can be long).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    dev = torch.device(device) if device is not None else default_device(local_rank)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistInfo(0, 1, 0, dev, None)
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        from datetime import timedelta  # noqa: PLC0415
+
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        logger.debug("rank %d/%d joined the process group (%s) on %s", rank, world, backend, dev)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, str(dist.get_backend()))
+
+
+def current_dist(device: torch.device | None = None) -> DistInfo:
+    """:class:`DistInfo` of an initialised group (or a single process), without initialising."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), dev, str(dist.get_backend()))
+    return DistInfo(0, 1, 0, dev, None)
+
+
+def shard_indices(n_docs: int, rank: int, world_size: int) -> range:
+    """Indices of the documents of ``rank``: ``rank, rank + world_size, ...`` below ``n_docs``.
+
+    Deterministic and disjoint; together the ranks cover ``range(n_docs)``. Shard sizes differ by
+    at most one (ranks ``< n_docs % world_size`` get the extra document); with more ranks than
+    documents some shards are empty. Striding rather than contiguous blocks keeps the shards'
+    length distributions alike when the corpus is ordered (e.g. WordNet by part of speech).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank}, world_size={world_size}")
+    if n_docs < 0:
+        raise ValueError(f"n_docs must be >= 0, got {n_docs}")
+    return range(rank, n_docs, world_size)
+
+
+class RankFailed(RuntimeError):
+    """Raised on the other ranks when a collective step failed on one rank."""
+
+
+def _collectively(info: DistInfo, fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (no rank is left
+    waiting in a collective). The failing rank re-raises its own exception."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # reported to all ranks below, then re-raised
+        error = e
+    if info.world_size > 1:
+        flag = torch.tensor([0 if error is None else info.rank + 1], dtype=torch.long, device=info.comm_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item())
+        if failed and error is None:
+            raise RankFailed(f"{what} failed on rank {failed - 1} (see its log); stopping on rank {info.rank} too")
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def _broadcast_object(info: DistInfo, obj: object) -> object:
+    if info.world_size == 1:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=info.comm_device)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StatsRun:
+    """Outcome of :func:`distributed_second_moments`.
+
+    ``moments``: ``{module: E[k k^T]}`` float64 (d_in x d_in) on every rank (on the module's
+    device, CPU where that lacks float64); ``computed`` / ``cached``: which modules were computed
+    in this run or found valid in the cache; ``paths``: cache file per module (``None`` when not
+    caching); ``count``: tokens per computed module; ``ranks``: per rank ``{"rank", "docs",
+    "tokens", "seconds"}`` (``seconds``: that rank's accumulation time); ``seconds``: wall time of
+    the whole call on this rank.
+    """
+
+    moments: dict[str, torch.Tensor]
+    computed: list[str]
+    cached: list[str]
+    paths: dict[str, Path | None]
+    count: dict[str, int] = field(default_factory=dict)
+    ranks: list[dict] = field(default_factory=list)
+    world_size: int = 1
+    seconds: float = 0.0
+
+
+def _local_sums(
+    model: nn.Module,
+    tok,
+    names: list[str],
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[dict[str, tuple[torch.Tensor | None, int]], int]:
+    """Sums and counts over this rank's ``texts``; ``(None, 0)`` per module for a shard without
+    tokens (no documents, or none that tokenises to anything). Also returns the token count."""
+    if not texts or not any(stats._tokenize(tok, texts, max_length)):
+        return {n: (None, 0) for n in names}, 0
+    raw = stats.collect_second_moments(model, tok, names, texts, max_length, batch_size, progress)
+    return dict(raw), raw[names[0]][1]
+
+
+def _d_in(module: nn.Module) -> int:
+    d = stats._expected_d_in(module)
+    return int(d) if d is not None else 0
+
+
+def distributed_second_moments(
+    model: nn.Module,
+    tok,
+    module_names: Sequence[str],
+    corpus: str,
+    n_samples: int,
+    max_length: int,
+    cache_dir: str | Path | None,
+    model_id: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> StatsRun:
+    """E[k k^T] of the inputs of ``module_names``, computed over all ranks of the process group.
+
+    A collective: every rank must call it with the same arguments (and the same model weights).
+    Without an initialised process group it runs in this process alone, which gives exactly what
+    :func:`blue_plugin.stats.get_second_moments` gives.
+
+    Args:
+        model, tok, module_names, max_length, batch_size: as in
+            :func:`blue_plugin.stats.collect_second_moments`. ``max_length`` is capped at the
+            model's positions, as in ``get_second_moments``.
+        corpus, n_samples: as in :func:`blue_plugin.stats.read_corpus`; every rank reads the
+            whole list of documents (cheap for text files) and keeps its shard
+            (:func:`shard_indices`).
+        cache_dir: where rank 0 reads and writes the cache files (``None``: no cache). With
+            several nodes this is rank 0's file system.
+        model_id: as in ``get_second_moments`` (default ``config.name_or_path``); the engine uses
+            ``config._name_or_path`` or ``hparams.model_name``.
+        progress: show a progress bar (of rank 0's shard; other ranks never show one).
+        overwrite: recompute and rewrite even when valid cache files exist.
+
+    Returns:
+        A :class:`StatsRun` (the same on every rank, except ``seconds``).
+
+    Raises:
+        ValueError: bad arguments, an unreadable corpus, no tokens in the whole corpus. An error
+            on any rank is raised on every rank.
+    """
+    t_start = time.perf_counter()
+    names = stats._validate_module_names(model, module_names)
+    stats._check_positive_int(n_samples, "n_samples")
+    stats._check_positive_int(batch_size, "batch_size")
+    max_length = stats._effective_max_length(model, max_length)
+    modules = dict(model.named_modules())
+    devices = {n: stats._accumulation_device(stats._module_device(model, modules[n])) for n in names}
+    info = current_dist(stats._input_device(model))
+
+    texts: list[str] = _collectively(info, lambda: stats.read_corpus(corpus, n_samples), "reading the corpus")
+    paths: dict[str, Path | None] = {n: None for n in names}
+    metas: dict[str, dict[str, str]] = {}
+
+    # Rank 0 decides what to compute (its cache is the one that counts) and holds the file lock
+    # until it has written the files, as get_second_moments does.
+    lock = None
+    cached: dict[str, torch.Tensor] = {}
+
+    def plan() -> list[str]:
+        nonlocal lock
+        if not info.is_main or cache_dir is None:
+            return list(names)
+        root = Path(os.path.expanduser(os.fspath(cache_dir)))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the statistics cache directory {str(root)!r}: {e}") from e
+        tfp = stats.tokenizer_fingerprint(tok)
+        for n in names:
+            metas[n] = stats.request_metadata(
+                model, tok, n, corpus, texts, n_samples, max_length, model_id,
+                _fingerprints=(stats.weights_fingerprint(model, [n]), tfp),
+            )
+            paths[n] = root / stats.cache_file_name(metas[n])
+        lock = stats.acquire_cache_lock(root, metas[names[0]])
+        if not overwrite:
+            for n in names:
+                t = stats.load_moment(paths[n], metas[n], devices[n], stats._expected_d_in(modules[n]))
+                if t is not None:
+                    cached[n] = t
+        return [n for n in names if n not in cached]
+
+    try:
+        missing: list[str] = _collectively(info, plan, "checking the statistics cache")
+        missing = _broadcast_object(info, missing)  # type: ignore[assignment]
+        paths = _broadcast_object(info, paths)  # type: ignore[assignment]
+        result = StatsRun(moments={}, computed=list(missing), cached=[n for n in names if n not in missing],
+                          paths=paths, world_size=info.world_size)
+
+        if missing:
+            shard = [texts[i] for i in shard_indices(len(texts), info.rank, info.world_size)]
+            if info.is_main:
+                logger.info(
+                    "computing second moments for %s over %d documents on %d process(es) (%d on rank 0)",
+                    missing, len(texts), info.world_size, len(shard),
+                )
+            t0 = time.perf_counter()
+            local, tokens = _collectively(
+                info,
+                lambda: _local_sums(model, tok, missing, shard, max_length, batch_size, progress and info.is_main),
+                "accumulating statistics",
+            )
+            seconds = time.perf_counter() - t0
+            mine = {"rank": info.rank, "docs": len(shard), "tokens": tokens, "seconds": seconds}
+            if info.world_size > 1:
+                gathered: list = [None] * info.world_size
+                dist.all_gather_object(gathered, mine)
+                result.ranks = list(gathered)
+            else:
+                result.ranks = [mine]
+            sums, counts = _reduce(info, missing, local, modules)
+            empty = [n for n in missing if counts[n] == 0]
+            if empty:
+                raise ValueError(f"no corpus token reached {empty}; check the corpus and the tokenizer")
+            for n in missing:
+                mean = sums[n] / counts[n]
+                result.moments[n] = mean.to(devices[n])
+                result.count[n] = counts[n]
+
+            def write() -> None:
+                if not info.is_main or cache_dir is None:
+                    return
+                for n in missing:
+                    meta = stats.written_metadata(metas[n], modules[n], counts[n], len(texts),
+                                                  n_processes=str(info.world_size))
+                    try:
+                        stats.save_moment(paths[n], result.moments[n], meta)  # type: ignore[arg-type]
+                        logger.info("wrote %s (%d tokens)", paths[n], counts[n])
+                    except OSError as e:
+                        logger.warning("could not write statistics cache %s (%s)", paths[n], e)
+
+            _collectively(info, write, "writing the statistics cache")
+    finally:
+        if lock is not None:
+            lock.release()
+    if info.world_size > 1:
+        dist.barrier()
+
+    for n in result.cached:  # loaded by rank 0; the other ranks receive them
+        t = cached.get(n)
+        if info.world_size > 1:
+            shape = _broadcast_object(info, None if t is None else tuple(t.shape))
+            buf = (t if t is not None else torch.empty(*shape, dtype=torch.float64)).to(info.comm_device)  # type: ignore[misc]
+            dist.broadcast(buf, src=0)
+            t = buf
+        result.moments[n] = t.to(devices[n])  # type: ignore[union-attr]
+    result.moments = {n: result.moments[n] for n in names}
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _reduce(
+    info: DistInfo,
+    names: list[str],
+    local: dict[str, tuple[torch.Tensor | None, int]],
+    modules: dict[str, nn.Module],
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """All-reduce (SUM) the float64 sums and the token counts of ``names`` over the ranks.
+
+    A rank without tokens contributes zeros; the matrix side comes from the module (or, for
+    modules that do not say, from the ranks that have sums).
+    """
+    counts_t = torch.tensor([local[n][1] for n in names], dtype=torch.long, device=info.comm_device)
+    dims = torch.tensor(
+        [local[n][0].shape[0] if local[n][0] is not None else _d_in(modules[n]) for n in names],
+        dtype=torch.long, device=info.comm_device,
+    )
+    if info.world_size > 1:
+        dist.all_reduce(counts_t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX)
+    sums: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(names):
+        s = local[n][0]
+        if info.world_size == 1:
+            if s is not None:
+                sums[n] = s
+            continue
+        d = int(dims[i])
+        buf = s.to(info.comm_device, torch.float64) if s is not None else torch.zeros(d, d, dtype=torch.float64, device=info.comm_device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        sums[n] = buf
+    return sums, {n: int(c) for n, c in zip(names, counts_t.tolist())}
