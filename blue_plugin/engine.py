@@ -131,8 +131,14 @@ class Editor:
     def apply(self, requests: Sequence[dict], return_orig_weights: bool = False) -> dict[str, torch.Tensor]:
         t_start = time.perf_counter()
         reqs = prepare_requests(self.tok, requests, self.hp)
-        self.state.sync_with_weights(self.W)
+        self.state.sync_with_weights(self.weight)  # stored orientation, as the fingerprints were taken
         layers = self.edit_layers()
+        offloaded = [l for l in layers if self.weight(l).is_meta]
+        if offloaded:
+            raise BLUEConfigError(
+                f"the weights of layer(s) {offloaded} are offloaded (device 'meta', accelerate disk/CPU offload); "
+                "load the model with a device_map that keeps the edited layers on a GPU or the CPU."
+            )
         self.ensure_second_moments(layers)
         prefixes = self.prefixes()
         pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in layers})
@@ -189,7 +195,7 @@ class Editor:
         for layer in layers:
             target = self._targets(reqs, prefixes, layer, record)
             K, h = self._keys(reqs, prefixes, layer, layer, record)
-            R = target.z - h
+            R = target.z.to(h.device) - h  # h lives on the layer's device
             self._update(layer, K, R, pending, record)
 
     def _run_original(self, reqs, prefixes, layers, pending, record) -> None:
@@ -197,7 +203,7 @@ class Editor:
         target = self._targets(reqs, prefixes, z_layer, record)
         for i, layer in enumerate(layers):
             K, h = self._keys(reqs, prefixes, layer, z_layer, record)
-            R = (target.z - h) / (len(layers) - i)
+            R = (target.z.to(h.device) - h) / (len(layers) - i)
             self._update(layer, K, R, pending, record)
 
     def _update(self, layer: int, K: torch.Tensor, R: torch.Tensor, pending: _Pending, record: dict) -> None:

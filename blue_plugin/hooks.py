@@ -83,7 +83,8 @@ def add_delta(
 
     def hook(module, args, output):
         hidden = _first(output)
-        edited = hidden.index_put((rows, positions), deltas.to(hidden.dtype), accumulate=True)
+        dev = hidden.device  # the block may sit on another device than the deltas (device_map)
+        edited = hidden.index_put((rows.to(dev), positions.to(dev)), deltas.to(dev, hidden.dtype), accumulate=True)
         if isinstance(output, tuple):
             return (edited,) + tuple(output[1:])
         return edited

@@ -9,6 +9,7 @@ import torch
 from .arch import ModelLayout
 from .hooks import capture, run_until
 from .requests import Row, pad_rows
+from .targets import input_device
 
 
 @torch.no_grad()
@@ -26,9 +27,10 @@ def keys_and_outputs(
 
     ``rows`` come from :func:`blue_plugin.requests.key_rows` (request-major, first prefix empty).
     Keys average over all prefixes; outputs are read from the bare-prompt row. The forward pass
-    stops after the highest block needed.
+    stops after the highest block needed. Each ``keys[l]`` / ``outs[l]`` stays on the device of
+    its own module (layers may sit on different devices with an accelerate ``device_map``).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = pad_rows(rows, pad_id, device)
     idx = torch.arange(len(rows), device=device)
@@ -40,10 +42,12 @@ def keys_and_outputs(
         run_until(model, **batch)
     keys = {}
     for l, name in zip(key_layers, key_names):
-        k = store[f"in:{name}"][idx, pos].float()
+        x = store[f"in:{name}"]
+        k = x[idx.to(x.device), pos.to(x.device)].float()
         keys[l] = k.view(n_requests, n_prefixes, -1).mean(dim=1)
     outs = {}
     bare = torch.arange(0, len(rows), n_prefixes, device=device)
     for l, name in zip(out_layers, out_names):
-        outs[l] = store[f"out:{name}"][bare, pos[bare]].float()
+        y = store[f"out:{name}"]
+        outs[l] = y[bare.to(y.device), pos[bare].to(y.device)].float()
     return keys, outs

@@ -86,8 +86,7 @@ def compute_targets(
     the output of ``block_name`` is computed once per chunk and the blocks up to it are skipped
     in every optimisation step, which gives the same numbers for less compute.
     """
-    param = next(model.parameters())
-    device = param.device
+    device = input_device(model)  # with device_map, blocks may sit elsewhere; see last_hidden
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_rw = n_requests * n_prefixes
     rw_rows, kl_rows = rows[:n_rw], rows[n_rw:]
@@ -102,7 +101,7 @@ def compute_targets(
         with capture(model, outputs_of=[block_name]) as store:
             hidden = last_hidden(model, batch)
         out = store[f"out:{block_name}"]
-        h = out[torch.arange(n_requests, device=device), lookups[:n_requests]].float()
+        h = out[torch.arange(n_requests, device=out.device), lookups[:n_requests].to(out.device)].float().to(device)
         kl_idx = torch.arange(n_requests, 2 * n_requests, device=device)
         kl_start = F.log_softmax(head_logits(model, hidden[kl_idx, lookups[n_requests:]]), dim=-1)
 
@@ -259,11 +258,21 @@ def _maybe_replay(model, lower_blocks, block_name, cached):
     return replay_blocks(model, lower_blocks, block_name, cached)
 
 
+def input_device(model) -> torch.device:
+    """Device of the input embeddings: where inputs go and where the optimisation runs (with an
+    accelerate ``device_map`` the blocks may sit on other devices)."""
+    emb = model.get_input_embeddings()
+    weight = getattr(emb, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
 def last_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Final hidden states (after the final norm), without computing logits for every position."""
-    return model.base_model(**batch, use_cache=False).last_hidden_state
+    """Final hidden states (after the final norm), without computing logits for every position.
+    Returned on the device of ``batch`` (a model split over devices ends elsewhere)."""
+    out = model.base_model(**batch, use_cache=False).last_hidden_state
+    return out.to(batch["input_ids"].device)
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) of selected hidden states, shape (n, vocab)."""
-    return model.get_output_embeddings()(hidden).float()
+    """Logits (float32) of selected hidden states, shape (n, vocab), on ``hidden``'s device."""
+    return model.get_output_embeddings()(hidden).float().to(hidden.device)
