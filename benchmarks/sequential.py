@@ -145,8 +145,10 @@ def build_base_hparams(
     mom2_n_samples: Optional[int] = None,
     steps: Optional[int] = None,
     stats_dir: Optional[str] = None,
+    overrides: Optional[dict[str, Any]] = None,
 ):
-    """Load the YAML (default :data:`DEFAULT_HPARAMS`) and apply the benchmark's overrides."""
+    """Load the YAML (default :data:`DEFAULT_HPARAMS`) and apply the benchmark's overrides
+    (``overrides``: any further hyperparameters, applied last)."""
     from blue_plugin.hparams import BLUEHyperParams
 
     hp = BLUEHyperParams.from_hparams(hparams if hparams is not None else DEFAULT_HPARAMS)
@@ -157,7 +159,28 @@ def build_base_hparams(
         changes["v_num_grad_steps"] = steps
     if stats_dir is not None:
         changes["stats_dir"] = str(stats_dir)
+    for key in ("base_method", "blue"):
+        if overrides and key in overrides:
+            raise ValueError(f"{key!r} is set per method by the benchmark; choose methods instead of overriding it")
+    names = set(hp.to_dict())
+    unknown = sorted(k for k in (overrides or {}) if k not in names)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} in overrides; see blue_plugin.hparams.BLUEHyperParams")
+    changes.update(overrides or {})
     return hp.replace(**changes)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["v_lr=0.1", "layers=[4, 8]"]`` -> ``{"v_lr": 0.1, "layers": [4, 8]}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -250,7 +273,8 @@ def prepare_statistics(editor, hp, measure_cold: bool = False) -> dict[str, Any]
 
     Returns:
         ``first_call_s`` (the run's first load: ``source`` = "memory" when the model's state
-        already held it, "disk" for the cache, "computed" when a pass over the corpus ran),
+        already held it, "disk" for the cache, "computed" when a pass over the corpus ran for
+        all layers, "partial" when it ran for the layers missing from the cache),
         ``cached_s`` (a second call served from the disk cache), ``cold_s`` (a full pass: the first
         call when it computed, else a pass without cache if ``measure_cold``, else None).
     """
@@ -272,11 +296,15 @@ def prepare_statistics(editor, hp, measure_cold: bool = False) -> dict[str, Any]
         info.update(source="identity", cached_s=None, cold_s=None)
         return info
     after = _snapshot(cache_dir)
+    written = [k for k, v in after.items() if before.get(k) != v]
     if in_memory:
         source = "memory"
-    else:
-        source = "computed" if any(before.get(k) != v for k, v in after.items()) else "disk"
+    elif not written:
+        source = "disk"
+    else:  # "partial": some layers were cached, the pass computed only the others
+        source = "computed" if len(written) >= len(layers) else "partial"
     info["source"] = source
+    info["files_written"] = len(written)
     names = [editor.layout.rewrite(l) for l in layers]
     model_id = str(getattr(editor.model.config, "_name_or_path", None) or hp.model_name)
     kwargs = dict(corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
@@ -384,10 +412,77 @@ def load_checkpoint(folder: Path, editor, layers: Sequence[int]) -> Optional[dic
     return meta
 
 
-def _session_module_available() -> bool:
-    import importlib.util
+class _LocalCheckpoints:
+    """Per-method progress with :func:`save_checkpoint` / :func:`load_checkpoint` (used when
+    :mod:`blue_plugin.session` is not available)."""
 
-    return importlib.util.find_spec("blue_plugin.session") is not None
+    kind = "local"
+
+    def __init__(self, folder: Path, model, tok, hp, layers: Sequence[int]):
+        from blue_plugin.engine import Editor
+
+        self.folder, self.layers = folder, list(layers)
+        self.editor = Editor(model, tok, hp)
+
+    def resume(self) -> Optional[dict[str, Any]]:
+        return load_checkpoint(self.folder, self.editor, self.layers)
+
+    def apply(self, requests: list[dict]) -> None:
+        self.editor.apply(requests)
+
+    def save(self, progress: dict[str, Any]) -> None:
+        save_checkpoint(self.folder, self.editor, self.layers, progress)
+
+    def cleanup(self) -> None:
+        for f in self.folder.glob("ckpt-*.safetensors"):
+            f.unlink(missing_ok=True)
+
+
+class _SessionCheckpoints:
+    """Per-method progress with :class:`blue_plugin.session.EditSession` (``save`` / ``load``);
+    the benchmark's own bookkeeping (wall times, curve) goes to ``progress.json`` next to it."""
+
+    kind = "EditSession"
+
+    def __init__(self, folder: Path, model, tok, hp, session_cls):
+        self.folder, self.model, self.tok, self.hp, self.cls = folder, model, tok, hp, session_cls
+        self.session_dir = folder / "session"
+        self.session = None
+
+    def resume(self) -> Optional[dict[str, Any]]:
+        if not (self.session_dir / "manifest.json").is_file():
+            self.session = self.cls(self.model, self.tok, self.hp, undo_depth=0)
+            return None
+        self.session = self.cls.load(self.session_dir, self.model, self.tok, self.hp, undo_depth=0)
+        done = int(self.session.n_batches)
+        prog_file = self.folder / "progress.json"
+        prog = read_json(prog_file) if prog_file.is_file() else {}
+        if prog.get("batches_done") != done:  # interrupted between the two writes of save()
+            logger.warning("progress.json is out of step with the saved session (%s vs %d batches); "
+                           "using the session", prog.get("batches_done"), done)
+        wall = list(prog.get("batch_wall_s", []))[:done]
+        wall += [float(r["time"].get("total", 0.0)) for r in self.session.state.history[len(wall):done]]
+        curve = [c for c in prog.get("curve", []) if c["n_edits"] <= done * self.hp.batch_size]
+        return {"batches_done": done, "batch_wall_s": wall, "curve": curve}
+
+    def apply(self, requests: list[dict]) -> None:
+        self.session.edit(requests)
+
+    def save(self, progress: dict[str, Any]) -> None:
+        self.session.save(self.session_dir)
+        write_json(self.folder / "progress.json", progress)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _session_class():
+    """:class:`blue_plugin.session.EditSession` when that module exists, else None."""
+    try:
+        from blue_plugin.session import EditSession
+    except ImportError:
+        return None
+    return EditSession
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,6 +559,7 @@ def run_benchmark(
     mom2_n_samples: Optional[int] = None,
     steps: Optional[int] = None,
     stats_dir: Optional[str] = None,
+    overrides: Optional[dict[str, Any]] = None,
     fluency_tokens: int = 100,
     eval_every: Optional[int] = None,
     eval_batch_size: int = 32,
@@ -473,6 +569,7 @@ def run_benchmark(
     restart: bool = False,
     progress: bool = True,
     plots: bool = True,
+    checkpoints: str = "auto",
     on_batch: Optional[Callable[[str, int], None]] = None,
 ) -> dict[str, Any]:
     """Run the sequential editing benchmark and write its outputs to ``out``.
@@ -493,13 +590,17 @@ def run_benchmark(
         device, dtype: move/load the model to this device ("cpu", "cuda", "cuda:1") / dtype name.
         mom2_n_samples, steps, stats_dir: override ``mom2_n_samples``, ``v_num_grad_steps``,
             ``stats_dir`` of the YAML.
+        overrides: further hyperparameters to change, e.g. ``{"L2": 80}`` (not base_method/blue).
         fluency_tokens: new tokens per greedy generation for fluency (0: skip fluency).
         eval_every: also evaluate the cases edited so far every this many edits (for the
             metrics-vs-edits plot); None: final evaluation only.
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the last checkpoint tensors of finished methods.
         restart: discard progress in ``out`` instead of resuming.
-        on_batch: called as ``on_batch(method, batches_done)`` after each saved checkpoint.
+        checkpoints: how progress is saved: "session" (:class:`blue_plugin.session.EditSession`),
+            "local" (this module's :func:`save_checkpoint`), "auto" (session when importable).
+        on_batch: called as ``on_batch(method, batches_done)`` after each saved checkpoint, with
+            the model in its edited state (a test hook; raising stops the run, progress is kept).
 
     Returns:
         the content of ``out/results.json`` plus ``"paths"`` (the files written).
@@ -526,6 +627,8 @@ def run_benchmark(
         raise ValueError("pass both model and tok, or neither (then the model is loaded by name)")
     if model is not None and model_name is not None:
         raise ValueError("pass either model/tok or model_name, not both")
+    if checkpoints not in ("auto", "session", "local"):
+        raise ValueError(f"checkpoints must be 'auto', 'session' or 'local', got {checkpoints!r}")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
@@ -534,7 +637,7 @@ def run_benchmark(
     out = Path(out)
     data_path = Path(data).resolve()
     fmt, cases = load_cases(data_path, n)
-    base_hp = build_base_hparams(hparams, batch_size, seed, mom2_n_samples, steps, stats_dir)
+    base_hp = build_base_hparams(hparams, batch_size, seed, mom2_n_samples, steps, stats_dir, overrides)
 
     if model is None:
         model_name = model_name or DEFAULT_MODEL
@@ -588,8 +691,10 @@ def run_benchmark(
         logger.info("resuming the run in %s", out)
     else:
         write_json(cfg_file, {"hash": chash, "config": config})
-    if _session_module_available():
-        logger.info("blue_plugin.session exists; this benchmark still uses its own checkpoint format")
+    session_cls = _session_class() if checkpoints in ("auto", "session") else None
+    if checkpoints == "session" and session_cls is None:
+        raise ValueError("checkpoints='session' needs blue_plugin.session.EditSession, which is not importable")
+    logger.info("checkpoints: %s", "blue_plugin.session.EditSession" if session_cls else "local safetensors")
 
     paths: dict[str, Any] = {}
     method_results: dict[str, dict[str, Any]] = {}
@@ -627,11 +732,14 @@ def run_benchmark(
                     editor0.weight(l).copy_(W)
             reset_state(model)
             _seed_everything(seed)
-            editor = Editor(model, tok, hp)
+            if session_cls is not None:
+                ckpt: Any = _SessionCheckpoints(mdir, model, tok, hp, session_cls)
+            else:
+                ckpt = _LocalCheckpoints(mdir, model, tok, hp, layers)
             reset_peak_rss()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            meta = load_checkpoint(mdir, editor, layers)
+            meta = ckpt.resume()
             start = int(meta["batches_done"]) if meta else 0
             wall: list[float] = list(meta["batch_wall_s"]) if meta else []
             curve: list[dict[str, Any]] = list(meta["curve"]) if meta else []
@@ -646,7 +754,7 @@ def run_benchmark(
                 for b in range(start, n_batches):
                     batch = cases[b * batch_size:(b + 1) * batch_size]
                     t0 = time.perf_counter()
-                    editor.apply([c.to_request() for c in batch])
+                    ckpt.apply([c.to_request() for c in batch])
                     wall.append(time.perf_counter() - t0)
                     done = min(n, (b + 1) * batch_size)
                     if _should_eval(done, b * batch_size, eval_every) and done < n:
@@ -654,8 +762,7 @@ def run_benchmark(
                         sc = evaluate_cases(model, tok, fmt, sub, pre_loc[:done] if pre_loc else None,
                                             fluency_tokens, eval_batch_size, gen_batch_size)
                         curve.append({"n_edits": done, "summary": _summarize(sc, seed)})
-                    save_checkpoint(mdir, editor, layers, {"method": method, "batches_done": b + 1,
-                                                           "batch_wall_s": wall, "curve": curve})
+                    ckpt.save({"method": method, "batches_done": b + 1, "batch_wall_s": wall, "curve": curve})
                     bar.update(1)
                     bar.set_postfix(edits=done, s_per_batch=f"{wall[-1]:.1f}")
                     if on_batch is not None:
@@ -686,11 +793,11 @@ def run_benchmark(
                 "curve": curve,
                 "costs": costs,
                 "history": history,
+                "checkpoints": ckpt.kind,
             }
             write_json(done_file, result)
             if not keep_checkpoints:
-                for f in mdir.glob("ckpt-*.safetensors"):
-                    f.unlink(missing_ok=True)
+                ckpt.cleanup()
             method_results[method] = read_json(done_file)  # same (JSON) form as a resumed method
             logger.info("%s: %s", method, {k: v["mean"] for k, v in summary.items()})
     finally:
@@ -902,6 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mom2-n-samples", type=int, default=None, help="override mom2_n_samples (documents for C0)")
     p.add_argument("--steps", type=int, default=None, help="override v_num_grad_steps")
     p.add_argument("--stats-dir", default=None, help="override stats_dir (cache of the key statistics)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any hyperparameter of the YAML (value parsed as YAML), e.g. --set L2=80; repeatable")
     p.add_argument("--fluency-tokens", type=int, default=100, help="new tokens per greedy generation (0: no fluency); default 100")
     p.add_argument("--eval-every", type=int, default=None, help="also evaluate the edited-so-far cases every K edits (curve plot)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per forward pass in evaluation")
@@ -909,6 +1018,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint tensors of finished methods")
     p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
+    p.add_argument("--checkpoints", default="auto", choices=["auto", "session", "local"],
+                   help="progress format: blue_plugin.session.EditSession, local safetensors, or auto (session if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -939,10 +1050,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data=args.data, methods=args.methods, n=args.n, batch_size=args.batch_size, seed=args.seed,
             out=args.out, hparams=args.hparams, model_name=args.model, device=args.device, dtype=args.dtype,
             mom2_n_samples=args.mom2_n_samples, steps=args.steps, stats_dir=args.stats_dir,
+            overrides=parse_overrides(args.set),
             fluency_tokens=args.fluency_tokens, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
             gen_batch_size=args.gen_batch_size, measure_cold_stats=args.measure_cold_stats,
             keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
-            plots=not args.no_plots,
+            plots=not args.no_plots, checkpoints=args.checkpoints,
         )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")

@@ -1,0 +1,227 @@
+"""Tests for benchmarks.sequential: the CLI/API of the sequential editing benchmark.
+
+* unit tests of method parsing, the markdown table and compare mode;
+* resume: a run interrupted after a checkpoint and continued ends bit-for-bit like an
+  uninterrupted one (tiny random Llama with the SmolLM2 tokenizer, seconds);
+* the smoke run of the issue: SmolLM2, N=4, B=2, MEMIT_BLUE and AlphaEdit, small statistics
+  sample and few optimisation steps; every metric present per method, table and plots written,
+  the fixture's weights restored.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks import sequential as seq
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT.parent / "shared" / "data"
+CF = DATA / "counterfact" / "counterfact-edit.json"
+ZSRE = DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"
+CORPUS = DATA / "corpus" / "wordnet-glosses.txt"
+
+needs_data = pytest.mark.skipif(not (CF.is_file() and ZSRE.is_file() and CORPUS.is_file()),
+                                reason="../shared/data is not available")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------- unit
+def test_parse_methods():
+    assert seq.parse_methods("memit_blue, AlphaEdit,MEMIT_BLUE") == ["MEMIT_BLUE", "AlphaEdit"]
+    assert seq.parse_methods(["RECT", "prune-blue"]) == ["RECT", "PRUNE_BLUE"]
+    with pytest.raises(ValueError, match="unknown method 'ROME'"):
+        seq.parse_methods("MEMIT,ROME")
+    with pytest.raises(ValueError, match="at least one method"):
+        seq.parse_methods(" , ")
+
+
+def test_method_hparams_switch_only_base_and_blue():
+    base = seq.build_base_hparams(None, batch_size=3, seed=7)
+    for name, (bm, blue) in seq.METHODS.items():
+        hp = seq.method_hparams(base, name)
+        assert (hp.base_method, hp.blue, hp.batch_size, hp.seed) == (bm, blue, 3, 7)
+        assert hp.layers == base.layers and hp.L2 == base.L2
+    # the YAML's relative corpus path is resolved against the repository root
+    if CORPUS.is_file():
+        assert Path(base.mom2_dataset).resolve() == CORPUS.resolve()
+
+
+def test_steps_per_layer_aggregates_over_batches():
+    history = [{"steps": {4: [3, 25], 8: [1, 2]}}, {"steps": {"4": [5], "8": [25]}}]
+    out = seq.steps_per_layer(history, max_steps=25)
+    assert list(out) == [4, 8]
+    assert out[4] == {"mean": 11.0, "max": 25, "total": 33, "n": 3, "not_converged": 1}
+    assert out[8]["n"] == 3 and out[8]["not_converged"] == 1
+
+
+# ------------------------------------------------------------------------------------------- tiny
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """(model, tok, yaml path): a tiny random Llama (tests/tiny.py, vocabulary 400), layers [1, 2, 3]."""
+    from tests.tiny import make_llama, make_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_seq")
+    hp = yaml.safe_load(seq.DEFAULT_HPARAMS.read_text())
+    hp.update(layers=[1, 2, 3], v_loss_layer=3, mom2_n_samples=20, mom2_max_length=32, max_length=128,
+              context_template_length_params=[[5, 2]], v_num_grad_steps=6, v_lr=1.0,
+              mom2_update_weight=10.0, stats_dir=str(folder / "stats"), model_name="tiny")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(hp))
+    return make_llama(n_layers=4, hidden=32, intermediate=64), make_tokenizer(), path
+
+
+def _raw(result):
+    """Everything numeric that depends on the final weights of each method."""
+    return {name: ([(s["rewrite_nll_new"], s["rewrite_nll_true"], s["paraphrase_nll_new"], s["neighborhood_nll_new"],
+                     s["fluency"]) for s in m["scores"]],
+                   [r["steps"] for r in m["history"]], m["curve"])
+            for name, m in result["methods"].items()}
+
+
+@needs_data
+@pytest.mark.parametrize("checkpoints", ["local", "session"])
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_setup, tmp_path, checkpoints):
+    if checkpoints == "session" and seq._session_class() is None:
+        pytest.skip("blue_plugin.session is not available")
+    from blue_plugin.state import get_state
+
+    model, tok, hp_path = tiny_setup
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
+    kw = dict(data=CF, methods="MEMIT,PRUNE_BLUE", n=5, batch_size=2, seed=1, hparams=hp_path, model=model,
+              tok=tok, fluency_tokens=4, eval_every=2, progress=False, plots=False, checkpoints=checkpoints)
+    finals: dict[str, dict[str, torch.Tensor]] = {}
+
+    def capture(run):
+        def hook(method, batches):
+            if method == "PRUNE_BLUE" and batches == 3:  # the final edited model and state
+                st = get_state(model)
+                finals[run] = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
+                finals[run].update({f"kpkp{l}": ls.kpkp.clone() for l, ls in st.layers.items() if ls.kpkp is not None})
+            if run == "interrupted" and method == "PRUNE_BLUE" and batches == 2:
+                raise seq.BenchmarkInterrupted("simulated interruption")
+        return hook
+
+    full = seq.run_benchmark(out=tmp_path / "full", on_batch=capture("full"), **kw)
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=tmp_path / "resumed", on_batch=capture("interrupted"), **kw)
+    # the interrupted run left the model unedited, MEMIT finished and PRUNE_BLUE saved after batch 2
+    for n, p in model.named_parameters():
+        if n in W0:
+            assert torch.equal(p, W0[n]), n
+    assert get_state(model).n_edits == 0
+    assert (tmp_path / "resumed" / "progress" / "MEMIT" / "done.json").is_file()
+    assert not (tmp_path / "resumed" / "progress" / "PRUNE_BLUE" / "done.json").exists()
+
+    resumed = seq.run_benchmark(out=tmp_path / "resumed", on_batch=capture("resumed"), **kw)
+    assert resumed["methods"]["PRUNE_BLUE"]["checkpoints"] == ("EditSession" if checkpoints == "session" else "local")
+    assert len(resumed["methods"]["PRUNE_BLUE"]["costs"]["batch_time_s"]) == 3
+    assert _raw(resumed) == _raw(full)
+    assert resumed["methods"]["PRUNE_BLUE"]["summary"] == full["methods"]["PRUNE_BLUE"]["summary"]
+    # the final edited weights and accumulated keys are bit-identical
+    a, b = finals["full"], finals["resumed"]
+    assert a.keys() == b.keys() and any(k.startswith("kpkp") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the edits did change the weights (otherwise the comparison above would be vacuous)
+    assert not torch.equal(a["model.layers.3.mlp.down_proj.weight"], W0["model.layers.3.mlp.down_proj.weight"])
+    # finished methods' checkpoint tensors are removed
+    assert not list((tmp_path / "resumed" / "progress").rglob("*.safetensors"))
+
+    # a different configuration in the same folder is refused unless restart=True
+    with pytest.raises(ValueError, match="different run"):
+        seq.run_benchmark(out=tmp_path / "resumed", **{**kw, "n": 4})
+
+
+@needs_data
+def test_zsre_run_and_compare(tiny_setup, tmp_path):
+    model, tok, hp_path = tiny_setup
+    res = seq.run_benchmark(data=ZSRE, methods="RECT_BLUE", n=3, batch_size=2, out=tmp_path / "z",
+                            hparams=hp_path, model=model, tok=tok, progress=False, plots=False)
+    assert res["config"]["format"] == "zsre"
+    summary = res["methods"]["RECT_BLUE"]["summary"]
+    assert set(summary) == {"efficacy", "generalization", "specificity", "fluency", "consistency"}
+    assert summary["fluency"]["mean"] is None and summary["consistency"]["mean"] is None
+    assert res["pre"]["summary"]["specificity"]["mean"] == 1.0  # the unedited model agrees with itself
+    assert len(res["methods"]["RECT_BLUE"]["costs"]["batch_time_s"]) == 2
+    table = (tmp_path / "z" / "table.md").read_text()
+    assert "| pre |" in table and "| RECT_BLUE |" in table and "Fluency" not in table.split("\n\n")[2]
+
+    assert seq.main(["--compare", str(tmp_path / "z"), str(tmp_path / "z"), "--out", str(tmp_path / "cmp")]) == 0
+    cmp = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert cmp.count("| RECT_BLUE |") == 2 and cmp.count("| pre |") == 2
+    with pytest.raises(ValueError, match="holds no results.json"):
+        seq.compare_runs([tmp_path / "nothing"], tmp_path / "cmp2")
+
+
+def test_cli_errors_and_script_mode(tmp_path):
+    with pytest.raises(SystemExit):
+        seq.main(["--out", str(tmp_path)])  # --data etc. missing
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "sequential.py"), "--help"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--batch-size" in proc.stdout and "AlphaEdit_BLUE" in proc.stdout
+
+
+def test_bad_arguments_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        seq.run_benchmark(data=CF, methods="MEMIT", n=4, batch_size=0, out=tmp_path)
+    with pytest.raises(ValueError, match="unknown method"):
+        seq.run_benchmark(data=CF, methods="MEMIT_XL", n=4, batch_size=2, out=tmp_path)
+    with pytest.raises(ValueError, match="both model and tok"):
+        seq.run_benchmark(data=CF, methods="MEMIT", n=4, batch_size=2, out=tmp_path, model=object())
+
+
+# ------------------------------------------------------------------------------------------- smoke
+@needs_data
+def test_smoke_smollm2_counterfact(smollm2, tmp_path):
+    """The issue's CI smoke run: N=4, B=2, two methods, small statistics sample."""
+    model, tok = smollm2
+    names = [f"model.layers.{l}.mlp.down_proj.weight" for l in range(4, 9)]
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+
+    res = seq.run_benchmark(data=CF, methods="MEMIT_BLUE,AlphaEdit", n=4, batch_size=2, seed=0, out=tmp_path / "run",
+                            model=model, tok=tok, mom2_n_samples=50, steps=5, stats_dir=str(tmp_path / "stats"),
+                            overrides={"context_template_length_params": [[5, 2]]}, fluency_tokens=8,
+                            progress=False)
+
+    for n in names:
+        assert torch.equal(params[n], before[n]), f"{n} not restored"
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert data["config"]["n"] == 4 and data["config"]["methods"] == ["MEMIT_BLUE", "AlphaEdit"]
+    assert {"torch", "transformers", "python"} <= set(data["versions"]) and "cpu_count" in data["machine"]
+    for block in [data["pre"]] + [data["methods"][m] for m in ("MEMIT_BLUE", "AlphaEdit")]:
+        s = block["summary"]
+        for key in ("efficacy", "generalization", "specificity", "fluency"):
+            assert s[key]["n"] == 4 and 0.0 <= s[key]["ci_low"] <= s[key]["mean"] <= s[key]["ci_high"], key
+        assert s["consistency"]["mean"] is None
+        assert len(block["scores"]) == 4 and all("efficacy" in c for c in block["scores"])
+    st = data["costs"]["statistics"]
+    assert st["source"] == "computed" and st["cold_s"] > 0 and st["cached_s"] >= 0
+    blue, alpha = data["methods"]["MEMIT_BLUE"]["costs"], data["methods"]["AlphaEdit"]["costs"]
+    assert list(blue["steps_per_layer"]) == ["4", "8"] and list(alpha["steps_per_layer"]) == ["8"]
+    assert len(blue["batch_time_s"]) == 2 and blue["peak_rss_mib"] > 100
+    assert data["methods"]["MEMIT_BLUE"]["edit_layers"] == [4, 8]
+    # the edits did something: the new object became more likely on the edit prompts
+    pre_nll = [c["rewrite_nll_new"] for c in data["pre"]["scores"]]
+    post_nll = [c["rewrite_nll_new"] for c in data["methods"]["MEMIT_BLUE"]["scores"]]
+    assert sum(post_nll) < sum(pre_nll)
+
+    table = (tmp_path / "run" / "table.md").read_text()
+    lines = [l for l in table.splitlines() if l.startswith("| ")]
+    assert lines[0].startswith("| Method | Efficacy | Generalization | Specificity | Fluency | Consistency |")
+    assert [l.split("|")[1].strip() for l in lines[1:4]] == ["pre", "MEMIT_BLUE", "AlphaEdit"]
+    assert (tmp_path / "run" / "steps_per_layer.png").stat().st_size > 1000
