@@ -309,7 +309,7 @@ def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
 
 
 def generate_greedy(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 16
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
 ) -> list[str]:
     """Greedy continuation of each prompt, returned as the decoded prompt + continuation.
 
@@ -362,7 +362,7 @@ def generate_greedy(
 
 
 def fluency_scores(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 16
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
 ) -> list[float]:
     """Weighted bi/tri-gram entropy (:func:`ngram_entropy`, bits) of the greedy generation per prompt.
 
@@ -374,7 +374,7 @@ def fluency_scores(
 
 
 def case_fluency(
-    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 16
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 64
 ) -> list[float | None]:
     """Per case, the mean :func:`fluency_scores` over its ``generation_prompts`` (None if it has none).
 
