@@ -1,0 +1,477 @@
+"""A resumable, undoable sequential editing session.
+
+:class:`EditSession` wraps ``(model, tok, hparams)`` for sequential batch editing:
+
+* :meth:`EditSession.edit` applies one batch with :func:`~blue_plugin.apply_blue_to_model`,
+  all-or-nothing: if anything fails (a non-finite residual, a failed solve, a bad request, an
+  interrupt) the edited weights and the edit state are put back bit-for-bit;
+* :meth:`EditSession.undo` restores the weights and the state from before the last batch(es)
+  exactly (``undo_depth`` batches are kept, 1 by default);
+* :meth:`EditSession.save` writes, atomically, everything needed to continue later: the edit
+  state (accumulated K_p K_p^T per layer, PRUNE's originals and sigma_max, weight fingerprints,
+  history, edit count, context prefixes) and the current values of the edited matrices, in one
+  safetensors file, plus a JSON manifest (hyperparameters, batch count, model identity, sha256
+  of the tensor file);
+* :meth:`EditSession.load` puts a saved session onto a freshly loaded, *unedited* model after
+  checking that it is the model the session was started on.
+
+A session directory holds ``manifest.json`` and the tensor file it names
+(``session-<batches>-<random>.safetensors``). :meth:`save` writes the tensor file under a new
+name, fsyncs it, then replaces ``manifest.json`` atomically (``os.replace``) and only then deletes
+the previous tensor file, so a crash at any moment leaves a complete old or a complete new
+session, never a mixture. Nothing is pickled: tensors are safetensors, metadata JSON.
+
+The model-constant caches (C0 and AlphaEdit's projector) are not saved; :meth:`load` reads C0
+from the statistics cache (or recomputes it) on the unedited model *before* it applies the saved
+weights, exactly as the first batch of an uninterrupted run did, so resuming is bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .arch import ModelLayout, find_module, resolve_layout
+from .engine import Editor, apply_blue_to_model
+from .errors import BLUEEditError
+from .hparams import BLUEHyperParams
+from .state import EditState, check_finite_parameters, fingerprint, get_state
+
+logger = logging.getLogger(__name__)
+
+#: Version of the session directory layout; :meth:`EditSession.load` refuses other versions.
+SESSION_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_FORMAT_NAME = "blue_plugin.EditSession"
+_WEIGHT_PREFIX = "weight:"
+_FINGERPRINT_ELEMENTS = 4096
+
+#: Model identity fields that must agree between a saved session and the model it is loaded on.
+COMPARED_IDENTITY_KEYS = ("class", "model_type", "hidden_size", "num_layers", "vocab_size", "n_params", "dtype")
+
+
+class BLUESessionError(ValueError):
+    """A saved session cannot be used: missing or corrupted files, another model, an already
+    edited model, or an unknown format. The message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model identity
+# ---------------------------------------------------------------------------------------------
+
+
+def model_identity(model) -> dict[str, Any]:
+    """Architecture facts that a session must match (see :data:`COMPARED_IDENTITY_KEYS`) plus the
+    informational ``name_or_path``."""
+    cfg = getattr(model, "config", None)
+    params = list(model.parameters())
+
+    def first(*keys: str) -> Any:
+        for k in keys:
+            v = getattr(cfg, k, None)
+            if v is not None:
+                return v
+        return None
+
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": first("hidden_size", "n_embd", "d_model"),
+        "num_layers": first("num_hidden_layers", "n_layer", "num_layers"),
+        "vocab_size": first("vocab_size"),
+        "n_params": int(sum(p.numel() for p in params)),
+        "dtype": str(params[0].dtype) if params else None,
+        "name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or ""),
+    }
+
+
+def params_fingerprint(model, exclude: Sequence[str] = ()) -> str:
+    """sha256 over name, shape, dtype and a strided sample (4096 entries) of every parameter
+    except ``exclude`` (the edited matrices): identifies the checkpoint without reading all of
+    it (~10 ms for a 135M model)."""
+    excluded = set(exclude)
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name in excluded:
+            continue
+        h.update(name.encode())
+        h.update(str((tuple(p.shape), str(p.dtype))).encode())
+        if p.is_meta:
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
+        h.update(flat[::step][:_FINGERPRINT_ELEMENTS].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _coerce_hparams(hparams: Any) -> BLUEHyperParams:
+    if isinstance(hparams, BLUEHyperParams):
+        return hparams
+    if isinstance(hparams, dict):
+        return BLUEHyperParams.from_dict(hparams)
+    if isinstance(hparams, (str, os.PathLike)):
+        return BLUEHyperParams.from_hparams(hparams)
+    raise ValueError(
+        f"hparams must be a BLUEHyperParams, a dict of its keys or a YAML path, got {type(hparams).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
+# ---------------------------------------------------------------------------------------------
+
+
+class EditSession:
+    """Sequential batch editing of one model with save / load / undo.
+
+    Args:
+        model, tok: the model to edit in place and its tokenizer.
+        hparams: a :class:`~blue_plugin.BLUEHyperParams`, a dict of its keys, or a YAML path.
+        undo_depth: how many batches :meth:`undo` can take back (each kept batch costs a copy of
+            the critical layers' weights and of the per-layer state; 0 disables undo).
+        history_limit: keep only the newest ``history_limit`` per-batch records in
+            ``get_state(model).history`` (None: keep all; a record is ~1-2 KB).
+
+    The session uses (and owns, while it lives) the model's :func:`~blue_plugin.get_state`
+    state, so plain :func:`~blue_plugin.apply_blue_to_model` calls see the same sequence.
+    """
+
+    def __init__(self, model, tok, hparams: Any, undo_depth: int = 1, history_limit: Optional[int] = None):
+        if isinstance(undo_depth, bool) or not isinstance(undo_depth, int) or undo_depth < 0:
+            raise ValueError(f"undo_depth must be an integer >= 0, got {undo_depth!r}")
+        if history_limit is not None and (isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1):
+            raise ValueError(f"history_limit must be None or an integer >= 1, got {history_limit!r}")
+        self.model, self.tok = model, tok
+        self.hparams = _coerce_hparams(hparams)
+        self.layout: ModelLayout = resolve_layout(model, self.hparams)  # validates templates and layers
+        self.undo_depth = undo_depth
+        self.history_limit = history_limit
+        self.n_batches = 0
+        self._undo: list[tuple[dict[str, torch.Tensor], EditState, int]] = []
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def state(self) -> EditState:
+        """The edit state attached to the model."""
+        return get_state(self.model)
+
+    @property
+    def n_edits(self) -> int:
+        return self.state.n_edits
+
+    @property
+    def can_undo(self) -> int:
+        """How many batches :meth:`undo` can still take back."""
+        return len(self._undo)
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    def _critical_weight_names(self) -> list[str]:
+        """Stored weights that a batch may change: the rewrite modules of all critical layers
+        (a superset of the edited ones, whatever the layer selection)."""
+        return [self.layout.weight_name(l) for l in self.hparams.layers]
+
+    # ---- editing -----------------------------------------------------------------------------
+    def edit(self, requests: Sequence[dict]) -> dict[str, Any]:
+        """Apply one batch; return its history record.
+
+        All-or-nothing: on any exception (including ``KeyboardInterrupt``) the critical layers'
+        weights and the edit state are restored bit-for-bit before the exception propagates.
+        Errors a user can fix are ``ValueError`` subclasses (``BLUEConfigError``,
+        ``BLUERequestError``, ``BLUEEditError``).
+        """
+        check_finite_parameters(self.model)
+        params = self._params()
+        names = self._critical_weight_names()
+        before = {n: params[n].detach().clone() for n in names}
+        snapshot = self.state.snapshot()
+        n_hist = len(self.state.history)
+        try:
+            apply_blue_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
+        except BaseException as e:
+            self._put_back(before, snapshot)
+            if isinstance(e, torch.linalg.LinAlgError):  # e.g. an SVD of non-finite values (PRUNE)
+                raise BLUEEditError(
+                    f"a linear-algebra step of the update failed ({e}); check mom2_update_weight / L2 and "
+                    "the statistics. Nothing was changed."
+                ) from e
+            raise
+        if len(self.state.history) <= n_hist:  # pragma: no cover - engine contract
+            raise RuntimeError("the engine did not record the batch")
+        record = self.state.history[-1]
+        if self.undo_depth:
+            changed = {n: w for n, w in before.items() if not torch.equal(w, params[n])}
+            self._undo.append((changed, snapshot, self.n_batches))
+            del self._undo[: max(0, len(self._undo) - self.undo_depth)]
+        self.n_batches += 1
+        self._trim_history()
+        return record
+
+    def _trim_history(self) -> None:
+        hist = self.state.history
+        if self.history_limit is not None and len(hist) > self.history_limit:
+            del hist[: len(hist) - self.history_limit]
+
+    def _put_back(self, weights: dict[str, torch.Tensor], snapshot: EditState) -> None:
+        params = self._params()
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        self.state.restore(snapshot)
+
+    def undo(self) -> None:
+        """Restore the weights and the edit state from before the last batch, exactly."""
+        if not self._undo:
+            raise ValueError(
+                "nothing to undo: no batch was edited in this session since it was created or "
+                f"loaded, or all {self.undo_depth} kept batch(es) were undone already "
+                "(raise undo_depth to keep more)"
+            )
+        weights, snapshot, n_batches = self._undo.pop()
+        self._put_back(weights, snapshot)
+        self.n_batches = n_batches
+        logger.info("undid batch %d; %d edit(s) remain", n_batches + 1, self.state.n_edits)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def _edited_layers(self) -> list[int]:
+        return sorted(l for l, ls in self.state.layers.items() if ls.post_fp is not None)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the session to ``directory`` (created if needed) atomically; return the
+        manifest path. Safe against a crash at any moment and against concurrent saves into the
+        same directory (file lock)."""
+        import filelock  # noqa: PLC0415
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        directory = Path(os.path.expanduser(os.fspath(directory)))
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state
+        params = self._params()
+        tensors, state_meta = state.to_tensors(include_prefixes=True)
+        weights_meta: dict[str, Any] = {}
+        edited = self._edited_layers()
+        for l in edited:
+            name = self.layout.weight_name(l)
+            w = params[name].detach()
+            tensors[_WEIGHT_PREFIX + name] = w.to("cpu").contiguous().clone()
+            weights_meta[name] = {"layer": l, "shape": list(w.shape), "dtype": str(w.dtype)}
+        excluded = [self.layout.weight_name(l) for l in state.layers]
+        manifest = {
+            "format": _FORMAT_NAME,
+            "format_version": SESSION_FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_batches": self.n_batches,
+            "n_edits": state.n_edits,
+            "hparams": self.hparams.to_dict(),
+            "model": model_identity(self.model),
+            "params_fingerprint": params_fingerprint(self.model, exclude=excluded),
+            "fingerprint_excludes": excluded,
+            "weights": weights_meta,
+            "state": state_meta,
+        }
+        lock = filelock.FileLock(str(directory / ".session.lock"))
+        with lock:
+            name = f"session-{self.n_batches:06d}-{secrets.token_hex(4)}.safetensors"
+            path = directory / name
+            tmp = directory / f".{name}.tmp"
+            try:
+                save_file(tensors, str(tmp), metadata={"format": _FORMAT_NAME})
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            manifest["tensors_file"] = name
+            manifest["tensors_sha256"] = _sha256_file(path)
+            try:
+                _write_atomic(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            _fsync_dir(directory)
+            for old in directory.iterdir():  # previous tensor files and leftovers of crashed saves
+                if old.name != name and old.name.startswith(("session-", ".session-")) and old.name.endswith((".safetensors", ".tmp")):
+                    old.unlink(missing_ok=True)
+        logger.info("saved session (%d batches, %d edits) to %s", self.n_batches, state.n_edits, directory)
+        return directory / MANIFEST_NAME
+
+    @staticmethod
+    def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+        """The manifest of a saved session (validated format); raises :class:`BLUESessionError`."""
+        path = Path(os.path.expanduser(os.fspath(directory))) / MANIFEST_NAME
+        if not path.is_file():
+            raise BLUESessionError(f"no saved session in {str(path.parent)!r} ({MANIFEST_NAME} is missing); save one with EditSession.save(dir)")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BLUESessionError(f"{str(path)!r} is not a readable session manifest ({e}); the session is corrupted") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT_NAME:
+            raise BLUESessionError(f"{str(path)!r} is not a blue_plugin session manifest")
+        if manifest.get("format_version") != SESSION_FORMAT_VERSION:
+            raise BLUESessionError(
+                f"{str(path)!r} has session format {manifest.get('format_version')!r}; this blue_plugin reads "
+                f"format {SESSION_FORMAT_VERSION} (use the version that wrote it)"
+            )
+        missing = [k for k in ("n_batches", "hparams", "model", "params_fingerprint", "weights", "state", "tensors_file", "tensors_sha256") if k not in manifest]
+        if missing:
+            raise BLUESessionError(f"{str(path)!r} lacks {missing}; the session is corrupted")
+        return manifest
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        model,
+        tok,
+        hparams: Any = None,
+        undo_depth: int = 1,
+        history_limit: Optional[int] = None,
+        prepare_statistics: bool = True,
+    ) -> "EditSession":
+        """Restore a saved session onto ``model``, a freshly loaded **unedited** copy of the
+        model it was started on, and return it (the model is edited in place).
+
+        Checks, before anything is changed: the manifest and the sha256 of the tensor file; the
+        model's architecture and a fingerprint of all its non-edited parameters; that each
+        edited matrix is at its original value (fingerprint); that the model carries no edits
+        in its state. Then (``prepare_statistics``) C0 of the edited layers is read from the
+        statistics cache, or computed on the still unedited model, and finally the saved
+        matrices and the edit state are put in place. ``hparams`` defaults to the saved ones;
+        passing others logs the keys that differ. Raises :class:`BLUESessionError` (a
+        ValueError) and leaves the model unchanged when a check fails.
+        """
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        directory = Path(os.path.expanduser(os.fspath(directory)))
+        manifest = cls.read_manifest(directory)
+        saved_hp = BLUEHyperParams.from_dict(manifest["hparams"], source=f"{directory / MANIFEST_NAME} hparams")
+        hp = saved_hp if hparams is None else _coerce_hparams(hparams)
+        if hparams is not None:
+            diff = sorted(k for k, v in saved_hp.to_dict().items() if hp.to_dict().get(k) != v)
+            if diff:
+                logger.warning("loading a session with hyperparameters that differ from the saved ones in %s; "
+                               "the continued run will not be identical to an uninterrupted one", diff)
+
+        # -- the tensor file ---------------------------------------------------------------
+        tpath = directory / str(manifest["tensors_file"])
+        if tpath.name != manifest["tensors_file"] or not tpath.is_file():
+            raise BLUESessionError(f"the session's tensor file {str(tpath)!r} is missing; the session is incomplete or was moved in parts")
+        if _sha256_file(tpath) != manifest["tensors_sha256"]:
+            raise BLUESessionError(f"{str(tpath)!r} does not match the checksum in the manifest (corrupted or replaced); the session cannot be used")
+        try:
+            tensors = load_file(str(tpath))
+        except Exception as e:  # safetensors raises several types for bad files
+            raise BLUESessionError(f"{str(tpath)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
+        state_tensors = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
+        if set(weights) != set(manifest["weights"]):
+            raise BLUESessionError(f"{str(tpath)!r} holds weights {sorted(weights)} but the manifest lists {sorted(manifest['weights'])}; the session is corrupted")
+
+        # -- the model ---------------------------------------------------------------------
+        ident, saved_ident = model_identity(model), manifest["model"]
+        diff = [k for k in COMPARED_IDENTITY_KEYS if ident.get(k) != saved_ident.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: saved {saved_ident.get(k)!r}, this model {ident.get(k)!r}" for k in diff)
+            raise BLUESessionError(f"the session was saved for another model ({details}); load the model it was started on ({saved_ident.get('name_or_path')!r})")
+        layout = resolve_layout(model, hp)
+        params = dict(model.named_parameters())
+        excluded = list(manifest.get("fingerprint_excludes", []))
+        unknown = [n for n in list(weights) + excluded if n not in params]
+        if unknown:
+            raise BLUESessionError(f"the model has no parameters {unknown} that the session edited; load the model it was started on")
+        if params_fingerprint(model, exclude=excluded) != manifest["params_fingerprint"]:
+            raise BLUESessionError(
+                "the model's weights differ from those the session was started on (another checkpoint, dtype or "
+                f"fine-tune of {saved_ident.get('name_or_path') or 'the saved model'!r}); load the same unedited model"
+            )
+        try:
+            new_state = EditState.from_tensors(state_tensors, manifest["state"], device_of=lambda l: params[layout.weight_name(l)].device)
+        except ValueError as e:
+            raise BLUESessionError(f"the saved edit state cannot be read: {e}") from None
+        for l, ls in new_state.layers.items():
+            name = layout.weight_name(l)
+            if name not in params:
+                raise BLUESessionError(f"the session edited {name!r}, which this model does not have")
+            now = fingerprint(params[name])
+            if ls.orig_fp is not None and not torch.equal(now, ls.orig_fp):
+                if ls.post_fp is not None and torch.equal(now, ls.post_fp):
+                    raise BLUESessionError(f"{name} already carries the session's edits; load the session onto a freshly loaded, unedited model")
+                raise BLUESessionError(f"{name} is not at the original value the session started from; load the session onto the unedited model")
+        for name, w in weights.items():
+            p = params[name]
+            if tuple(w.shape) != tuple(p.shape) or w.dtype != p.dtype:
+                raise BLUESessionError(f"saved {name} is {tuple(w.shape)} {w.dtype} but the model's is {tuple(p.shape)} {p.dtype}")
+            if not bool(torch.isfinite(w).all()):
+                raise BLUESessionError(f"saved {name} holds NaN/inf values; the session is corrupted")
+        state = get_state(model)
+        if state.n_edits or any(ls.post_fp is not None for ls in state.layers.values()):
+            raise BLUESessionError("this model already has edits in its state; load the session onto a freshly loaded model (or call blue_plugin.reset_state(model) after restoring its weights)")
+
+        # -- statistics on the unedited model, as the uninterrupted run computed them --------
+        if prepare_statistics and new_state.layers:
+            Editor(model, tok, hp, state).ensure_second_moments(sorted(new_state.layers))
+
+        # -- apply (all-or-nothing) ----------------------------------------------------------
+        originals = {n: params[n].detach().clone() for n in weights}
+        snapshot = state.snapshot()
+        try:
+            with torch.no_grad():
+                for name, w in weights.items():
+                    params[name].copy_(w.to(params[name].device))
+            state.load_edits_from(new_state)
+            for l, ls in state.layers.items():
+                if ls.post_fp is not None and not torch.equal(fingerprint(params[layout.weight_name(l)]), ls.post_fp):
+                    raise BLUESessionError(f"{layout.weight_name(l)} does not match the saved fingerprint after loading; the session is corrupted")
+        except BaseException:
+            with torch.no_grad():
+                for name, w in originals.items():
+                    params[name].copy_(w)
+            state.restore(snapshot)
+            raise
+        session = cls(model, tok, hp, undo_depth=undo_depth, history_limit=history_limit)
+        session.n_batches = int(manifest["n_batches"])
+        logger.info("loaded session from %s: %d batches, %d edits", directory, session.n_batches, state.n_edits)
+        return session
