@@ -360,3 +360,20 @@ def test_summarize():
     assert s["consistency"] == {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
     assert s["fluency"]["n"] == 0
     assert s["efficacy"]["ci_low"] <= s["efficacy"]["mean"] <= s["efficacy"]["ci_high"]
+
+
+def test_smollm2_knows_paris_and_batching_is_exact(smollm2):
+    """Integration: the embedded model prefers the true capital; padding does not change NLLs."""
+    model, tok = smollm2
+    edit = EditCase(0, "The capital of France is", "France", "Rome", "Paris",
+                    locality_prompts=["The capital of Germany is"], locality_answers=["Berlin"])
+    s = counterfact_case_scores(model, tok, [edit])[0]
+    assert s["efficacy"] == 0.0 and s["rewrite_nll_true"] < s["rewrite_nll_new"]
+    assert s["specificity"] == 1.0
+    prompts = ["The capital of France is", "The mother tongue of Danielle Darrieux is", "Berlin is in"]
+    answers = ["Paris", "French", "the country of Germany"]
+    batched = answer_nll(model, tok, prompts, answers, batch_size=3)
+    single = torch.cat([answer_nll(model, tok, [p], [a]) for p, a in zip(prompts, answers)])
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+    (flu,) = fluency_scores(model, tok, ["The capital of France is"], max_new_tokens=5)
+    assert flu > 0.3
