@@ -7,6 +7,7 @@ transformers configs (GPT-2 with ``Conv1D`` weights stored as (d_in, d_out), Lla
 """
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -47,10 +48,12 @@ PREFIXES = ["", "The cat sat on the mat. ", "I see a dog. "]
 VOCAB = 400
 
 
+@functools.lru_cache(maxsize=None)
 def make_tokenizer(add_bos: bool = True):
     """Byte-level BPE tokenizer (ids 0/1/2 = ``<pad>``/``<s>``/``</s>``), BOS prepended when
     ``add_bos`` (like Llama), none otherwise (like GPT-2). Offsets are available, as the
-    engine needs them to find the subject's tokens."""
+    engine needs them to find the subject's tokens. Trained once per session and shared
+    (tests must not modify it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -79,22 +82,32 @@ def make_llama(n_layers: int = 4, hidden: int = 32, intermediate: int = 64, seed
     return LlamaForCausalLM(cfg).eval()
 
 
-def make_gpt2(n_layers: int = 4, hidden: int = 32, seed: int = 0, init: float = 0.1):
-    """Random GPT-2 (``Conv1D`` c_proj stored as (4*hidden, hidden)), eval mode, fp32."""
+def make_gpt2(n_layers: int = 4, hidden: int = 32, seed: int = 0, init: float = 0.1, n_inner: int | None = None):
+    """Random GPT-2 (``Conv1D`` c_proj stored as (n_inner, hidden), n_inner = 4*hidden by
+    default; ``n_inner=hidden`` gives a square c_proj, where a transposition bug would go
+    unnoticed by shape checks), eval mode, fp32."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=128,
-                     bos_token_id=1, eos_token_id=2, initializer_range=init)
+                     n_inner=n_inner, bos_token_id=1, eos_token_id=2, initializer_range=init)
     return GPT2LMHeadModel(cfg).eval()
 
 
+ARCHS = ("llama", "gpt2")
+
+
 def make_model(arch: str, **kw):
-    """``(model, tok)`` for ``arch`` in ``("llama", "gpt2")``."""
+    """``(model, tok)`` for ``arch`` in :data:`ARCHS`; the ``-square`` variants have an MLP
+    width equal to the hidden size (square rewrite matrices)."""
     if arch == "llama":
         return make_llama(**kw), make_tokenizer(add_bos=True)
+    if arch == "llama-square":
+        return make_llama(intermediate=32, **kw), make_tokenizer(add_bos=True)
     if arch == "gpt2":
         return make_gpt2(**kw), make_tokenizer(add_bos=False)
+    if arch == "gpt2-square":
+        return make_gpt2(n_inner=32, **kw), make_tokenizer(add_bos=False)
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
@@ -229,11 +242,12 @@ def module_apply(model, hp: BLUEHyperParams, layer: int, keys: torch.Tensor) -> 
         return module(keys.to(module.weight.dtype)).double()
 
 
-def rule_spy(monkeypatch, rule_name: str) -> list[dict]:
+def rule_spy(monkeypatch, rule_name: str, callback=None, events: list | None = None) -> list[dict]:
     """Record every call of the rule's ``delta`` (inputs and returned Delta, all cloned).
 
-    The engine calls ``rule.delta`` before it writes the new weight, so a test may also read
-    the model's current state from inside the call via ``calls[-1]``.
+    The engine calls ``rule.delta`` before it writes the new weight, so ``callback()`` (if
+    given) sees the model as it is when the update is computed; its result is stored under
+    ``"extra"``. ``events`` (if given) gets ``("update", call index)`` appended.
     """
     from blue_plugin import rules
 
@@ -247,15 +261,19 @@ def rule_spy(monkeypatch, rule_name: str) -> list[dict]:
             "K": x.K.clone(), "R": x.R.clone(), "W": x.W.clone(), "C0": x.C0.clone(),
             "KpKp": None if x.KpKp is None else x.KpKp.clone(),
             "P": None if x.P is None else x.P.clone(), "delta": delta.clone(),
+            "extra": callback() if callback is not None else None,
         })
+        if events is not None:
+            events.append(("update", len(calls) - 1))
         return delta
 
     monkeypatch.setattr(rule, "delta", spy)
     return calls
 
 
-def targets_spy(monkeypatch) -> list[tuple[str, object]]:
-    """Record ``(block_name, TargetResult)`` of every target optimisation the engine runs."""
+def targets_spy(monkeypatch, events: list | None = None) -> list[tuple[str, object]]:
+    """Record ``(block_name, TargetResult)`` of every target optimisation the engine runs
+    (``events`` gets ``("targets", block_name)`` appended)."""
     from blue_plugin import engine
 
     original = engine.compute_targets
@@ -264,6 +282,8 @@ def targets_spy(monkeypatch) -> list[tuple[str, object]]:
     def spy(model, tok, block_name, *args, **kwargs):
         res = original(model, tok, block_name, *args, **kwargs)
         calls.append((block_name, res))
+        if events is not None:
+            events.append(("targets", block_name))
         return res
 
     monkeypatch.setattr(engine, "compute_targets", spy)
