@@ -30,6 +30,12 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 # They are accepted so that converted files load; a warning says they are ignored.
 IGNORED_EASYEDIT_KEYS = ("P_loc", "fp16")
 
+# Keys every hyperparameter *file* must set (EasyEdit YAMLs always carry them); a file without
+# them is almost certainly not a BLUE / MEMIT-family config. Keys in ``DEFAULTED_YAML_KEYS`` may
+# be left out, but a warning names the default used.
+REQUIRED_YAML_KEYS = ("alg_name", "model_name", "layers")
+DEFAULTED_YAML_KEYS = ("base_method", "blue")
+
 
 def _easyedit_base() -> type:
     """EasyEdit's HyperParams when ``easyeditor`` is importable, else a small stand-in."""
@@ -257,6 +263,18 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
             raise BLUEConfigError(f"{path}: not valid YAML: {exc}") from exc
         if config is None:
             raise BLUEConfigError(f"{path}: the file is empty.")
+        if isinstance(config, dict):
+            missing = [k for k in REQUIRED_YAML_KEYS if k not in config]
+            if missing:
+                raise BLUEConfigError(
+                    f"{path}: missing required key(s) {', '.join(map(repr, missing))}; a BLUE file sets at least "
+                    "alg_name: BLUE, model_name and layers (an EasyEdit MEMIT/AlphaEdit YAML converts by setting "
+                    "alg_name: BLUE and adding base_method and blue)."
+                )
+            for key in DEFAULTED_YAML_KEYS:
+                if key not in config:
+                    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+                    logger.warning("%s: %r is not set; using %r.", path, key, default)
         return cls.from_dict(config, source=str(path))
 
 

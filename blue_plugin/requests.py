@@ -177,3 +177,33 @@ def pad_rows(rows: Sequence[Row], pad_id: int, device: torch.device) -> dict[str
         ids[k, : len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         mask[k, : len(r.ids)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def position_limit(model) -> int | None:
+    """How many positions the model was built for (``config.n_positions`` /
+    ``max_position_embeddings`` / ``n_ctx``), or None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_rows_fit(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], fact_token: str, limit: int | None) -> None:
+    """Raise :class:`BLUERequestError` when a target row (context prefix + prompt + target) is
+    longer than ``limit`` positions (see :func:`position_limit`); models with learned position
+    embeddings (GPT-2) would otherwise fail with an IndexError in the middle of the batch."""
+    if limit is None:
+        return
+    for req in requests:
+        for prefix in prefixes:
+            ids, _ = encode_prompt(tok, prefix, req, fact_token)
+            n = len(ids) + len(req.target_ids) - 1
+            if n > limit:
+                raise BLUERequestError(
+                    f"request {req.index} (case_id={req.case_id!r}): with context prefix {prefix!r} the prompt and "
+                    f"target take {n} tokens, more than the {limit} positions of the model; shorten the prompt or "
+                    "target (and keep max_length below the model's positions) or use shorter "
+                    "context_template_length_params."
+                )
