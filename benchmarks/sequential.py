@@ -57,6 +57,7 @@ import torch
 
 from benchmarks.common import (
     REPO_ROOT,
+    jsonable,
     cuda_peak_mib,
     current_rss_mib,
     machine_info,
@@ -200,8 +201,6 @@ def _sha256_file(path: Path) -> str:
 
 def _config_hash(config: dict[str, Any]) -> str:
     import json
-
-    from benchmarks.common import jsonable
 
     return hashlib.sha256(json.dumps(jsonable(config), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -674,7 +673,8 @@ def run_benchmark(
         "eval_every": eval_every,
         "eval_batch_size": eval_batch_size,
     }
-    chash = _config_hash(config)
+    # names and paths are informational; identity is content (data sha256, weights digest, hparams)
+    chash = _config_hash({k: v for k, v in config.items() if k not in ("data", "model", "hparams_file")})
     prog_dir = out / "progress"
     if restart and prog_dir.exists():
         shutil.rmtree(prog_dir)
@@ -683,7 +683,8 @@ def run_benchmark(
         old = read_json(cfg_file)
         if old.get("hash") != chash:
             diff = sorted(k for k in set(config) | set(old.get("config", {}))
-                          if config.get(k) != old.get("config", {}).get(k))
+                          if k not in ("data", "model", "hparams_file")
+                          and jsonable(config.get(k)) != old.get("config", {}).get(k))
             raise ValueError(
                 f"{str(out)!r} holds progress of a different run (differs in {diff}); pass --restart "
                 "(restart=True) to discard it, or choose another --out"
@@ -716,6 +717,7 @@ def run_benchmark(
                    "eval_time_s": time.perf_counter() - t0}
             write_json(pre_file, pre)
         pre_loc = pre.get("pre_locality")
+        pre_peak = peak_rss_mib()  # statistics + pre evaluation
 
         # --- methods -----------------------------------------------------------------------
         n_batches = (n + batch_size - 1) // batch_size
@@ -818,7 +820,8 @@ def run_benchmark(
         "scale_note": "values are fractions (fluency: entropy in bits); tables show x100",
         "pre": {"summary": pre["summary"], "scores": pre["scores"], "eval_time_s": pre.get("eval_time_s")},
         "methods": method_results,
-        "costs": {"statistics": stats_info, "peak_rss_mib_run": peak_rss_mib(),
+        "costs": {"statistics": stats_info,
+                  "peak_rss_mib_max": max([pre_peak] + [m["costs"]["peak_rss_mib"] for m in method_results.values()]),
                   "current_rss_mib": current_rss_mib(),
                   "invocation_wall_s": time.perf_counter() - t_run},
     }

@@ -194,7 +194,7 @@ def test_smoke_smollm2_counterfact(smollm2, tmp_path):
     before = {n: params[n].detach().clone() for n in names}
 
     res = seq.run_benchmark(data=CF, methods="MEMIT_BLUE,AlphaEdit", n=4, batch_size=2, seed=0, out=tmp_path / "run",
-                            model=model, tok=tok, mom2_n_samples=50, steps=5, stats_dir=str(tmp_path / "stats"),
+                            model=model, tok=tok, mom2_n_samples=200, steps=5, stats_dir=str(tmp_path / "stats"),
                             overrides={"context_template_length_params": [[5, 2]]}, fluency_tokens=8,
                             progress=False)
 
