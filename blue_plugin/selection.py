@@ -1,0 +1,127 @@
+"""Dynamic boundary-layer selection (``layer_selection: dynamic``).
+
+BLUE updates the first and the last critical layer. With ``layer_selection: dynamic`` the two
+layers are chosen per batch: the first from ``layers[0] .. layers[0] + dynamic_window``, the last
+from ``layers[-1] - dynamic_window .. layers[-1]`` (always first < last), each by a measurable
+criterion on the batch's own targets:
+
+- ``"residual_norm"`` (default): the mean relative residual ``||z_c - h_c|| / ||h_c||`` -- the
+  layer where the edit has to move the hidden state least;
+- ``"steps"``: the mean number of target-optimisation steps (ties broken by the relative residual);
+- ``"update_norm"``: ``||Delta_c||_F / ||W_c||_F`` of the layer's closed-form update -- the layer
+  whose weights change least.
+
+The first boundary is chosen on the model as it is; the chosen first layer's update is then
+applied (temporarily) and the last boundary is chosen on that model, in the order BLUE edits
+them. Cost: one target optimisation per candidate (``2 * (dynamic_window + 1)`` at most), on top
+of the two the edit itself needs. Weights and the edit state are unchanged on return.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .hooks import frozen
+from .hparams import BLUEHyperParams
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("residual_norm", "steps", "update_norm")
+
+
+def boundary_candidates(hp: BLUEHyperParams) -> tuple[list[int], list[int]]:
+    """Candidate first and last layers: ``layers[0] .. layers[0] + w`` and ``layers[-1] - w ..
+    layers[-1]`` (``w = dynamic_window``), each kept strictly between the other boundary's end."""
+    first, last, w = hp.layers[0], hp.layers[-1], hp.dynamic_window
+    if first == last:
+        return [first], [last]
+    firsts = [l for l in range(first, first + w + 1) if l < last]
+    lasts = [l for l in range(last - w, last + 1) if l > first]
+    return firsts, lasts
+
+
+def window_layers(hp: BLUEHyperParams) -> list[int]:
+    """Every layer dynamic selection may edit (the engine must load C0 for all of them)."""
+    firsts, lasts = boundary_candidates(hp)
+    return sorted(set(firsts) | set(lasts))
+
+
+def _evaluate(editor, reqs, prefixes, layer: int, criterion: str) -> dict[str, Any]:
+    from .analysis import keys_at, layer_update, targets_at
+
+    t = targets_at(editor, reqs, prefixes, layer)
+    keys, outs = keys_at(editor, reqs, prefixes, [layer], [layer])
+    h = outs[layer]
+    R = t.z.to(h.device) - h
+    rel = float((R.norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)).mean())
+    rec: dict[str, Any] = {"relative_residual": rel, "mean_steps": sum(t.steps) / len(t.steps), "K": keys[layer], "R": R}
+    if criterion == "update_norm":
+        delta = layer_update(editor, layer, keys[layer], R)
+        rec["delta"] = delta
+        rec["relative_update"] = float(delta.norm() / editor.W(layer).to(delta.dtype).norm().clamp_min(1e-30))
+    return rec
+
+
+def _score(rec: dict[str, Any], criterion: str) -> tuple:
+    if criterion == "steps":
+        return (rec["mean_steps"], rec["relative_residual"])
+    if criterion == "update_norm":
+        return (rec["relative_update"],)
+    return (rec["relative_residual"],)
+
+
+def _pick(editor, reqs, prefixes, candidates: Sequence[int], criterion: str, log: dict) -> tuple[int, Optional[dict]]:
+    if len(candidates) == 1:
+        return candidates[0], None
+    recs = {c: _evaluate(editor, reqs, prefixes, c, criterion) for c in candidates}
+    best = min(candidates, key=lambda c: _score(recs[c], criterion) + (c,))
+    for c, rec in recs.items():
+        log[c] = {k: v for k, v in rec.items() if k in ("relative_residual", "mean_steps", "relative_update")}
+    return best, recs[best]
+
+
+def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: str = "residual_norm",
+                           details: Optional[dict] = None) -> tuple[int, int]:
+    """Choose the (first, last) layers BLUE updates for this batch (see the module docstring).
+
+    ``editor``: a :class:`blue_plugin.engine.Editor` (its ``hp.layers`` / ``hp.dynamic_window``
+    define the window); ``reqs``: validated requests
+    (:func:`blue_plugin.requests.prepare_requests`); ``prefixes``: the context prefixes
+    (``editor.prefixes()``). ``details``, if given, is filled with the per-candidate scores.
+    Returns ``(first, last)`` with ``first < last`` (equal only when ``hp.layers`` has one layer).
+    With ``dynamic_window = 0`` it returns ``(layers[0], layers[-1])`` without any computation.
+    """
+    from .analysis import add_update, layer_update, weights_restored
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
+    if not reqs:
+        raise ValueError("give at least one request.")
+    hp = editor.hp
+    firsts, lasts = boundary_candidates(hp)
+    log: dict[str, Any] = {"criterion": criterion, "first_candidates": firsts, "last_candidates": lasts, "first": {}, "last": {}}
+    if len(firsts) == 1 and len(lasts) == 1:
+        chosen = (firsts[0], lasts[0])
+    else:
+        needs_c0 = window_layers(hp) if criterion == "update_norm" else firsts
+        editor.ensure_second_moments(needs_c0)
+        with frozen(editor.model), weights_restored(editor, firsts):
+            first, rec = _pick(editor, reqs, prefixes, firsts, criterion, log["first"])
+            remaining = [l for l in lasts if l > first]
+            if len(remaining) > 1:
+                # Apply the chosen first layer's update, as BLUE does before the last layer.
+                if rec is None:
+                    rec = _evaluate(editor, reqs, prefixes, first, "residual_norm")
+                delta = rec.get("delta")
+                if delta is None:
+                    delta = layer_update(editor, first, rec["K"], rec["R"])
+                add_update(editor, first, delta)
+            last, _ = _pick(editor, reqs, prefixes, remaining, criterion, log["last"])
+        chosen = (first, last)
+    log["chosen"] = list(chosen)
+    if details is not None:
+        details.update(log)
+    logger.info("dynamic boundary layers: %s (criterion %s, candidates %s / %s)", chosen, criterion, firsts, lasts)
+    return chosen
