@@ -10,6 +10,7 @@ Tiny random Llama / GPT-2 models and the byte-level BPE tokenizer of :mod:`tests
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -405,3 +406,132 @@ def test_yaml_without_base_method_warns_and_uses_default(env, caplog):
     assert hp.base_method == "MEMIT" and hp.blue is True
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "'base_method' is not set; using 'MEMIT'" in messages and "'blue' is not set; using True" in messages
+
+
+# ---- statistics cache: what tests/test_stats.py does not cover yet ----------------------------
+
+_STATS_WORKER = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from blue_plugin.stats import get_second_moments
+cfg = json.loads(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"]).eval()
+tok = PreTrainedTokenizerFast.from_pretrained(cfg["model_dir"])
+calls = []
+model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+Path(cfg["ready"]).write_text("1")
+while not all(Path(p).exists() for p in cfg["all_ready"]):  # start both passes together
+    time.sleep(0.01)
+out = get_second_moments(model, tok, cfg["names"], cfg["corpus"], 200, 32, cfg["cache"], model_id="tiny", batch_size=2, progress=False)
+from safetensors.torch import save_file
+save_file({k: v.contiguous() for k, v in out.items()}, cfg["out"])
+print("FORWARDS", len(calls))
+"""
+
+
+def test_two_processes_compute_statistics_once(env, tmp_path):
+    """Two processes asking for the same statistics at the same moment: one computes, the other
+    waits on the file lock and reads the file; both get identical tensors, the cache holds exactly
+    the two complete files."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    make_llama(seed=0).save_pretrained(model_dir)
+    env.tok.save_pretrained(model_dir)
+    corpus = write_corpus(tmp_path / "corpus.txt", n=200)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    ready = [str(tmp_path / f"ready{i}") for i in range(2)]
+    repo = Path(__file__).resolve().parents[1]
+    run_env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for i in range(2):
+        cfg = {"model_dir": str(model_dir), "names": names, "corpus": str(corpus), "cache": str(tmp_path / "cache"),
+               "ready": ready[i], "all_ready": ready, "out": str(tmp_path / f"out{i}.safetensors")}
+        procs.append(subprocess.Popen([sys.executable, "-c", _STATS_WORKER, json.dumps(cfg)], cwd=str(repo), env=run_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        outputs.append(out.decode(errors="replace"))
+        assert p.returncode == 0, outputs[-1][-3000:]
+    forwards = sorted(int(o.split("FORWARDS")[-1].split()[0]) for o in outputs)
+    assert forwards == [0, 100]  # 200 documents in batches of 2, computed by exactly one process
+    a, b = load_file(str(tmp_path / "out0.safetensors")), load_file(str(tmp_path / "out1.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_file())
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)
+
+
+def test_interrupted_statistics_write_keeps_the_old_file(env, tmp_path, monkeypatch):
+    """save_moment writes to a temp file and renames: a crash mid-write leaves the previous file
+    byte-identical and no temp file behind."""
+    import safetensors.torch
+
+    from blue_plugin import stats
+
+    src = next(env.stats.glob("*.safetensors"))
+    path = tmp_path / src.name
+    shutil.copy(src, path)
+    before = path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensor = f.metadata(), f.get_tensor("mom2")
+    real = safetensors.torch.save_file
+
+    def dies_midway(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:64])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        stats.save_moment(path, tensor * 2, meta)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from blue_plugin.stats import get_second_moments
+
+    names = ["model.layers.0.mlp.down_proj"]
+    model = make_llama(seed=0)
+    kw = dict(corpus=str(env.corpus), n_samples=30, max_length=16, cache_dir=tmp_path, model_id="tiny", progress=False)
+    first = get_second_moments(model, env.tok, names, **kw)[names[0]]
+    other_tok = make_tokenizer(add_bos=False)  # same vocabulary, no BOS: other token streams
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+        second = get_second_moments(model, other_tok, names, **kw)[names[0]]
+    assert any("tokenizer_fingerprint" in r.getMessage() for r in caplog.records)
+    assert not torch.equal(first, second)
+    path = next(tmp_path.glob("*.safetensors"))
+    with safe_open(str(path), "pt") as f:
+        meta, t = f.metadata(), f.get_tensor("mom2")
+    save_file({"mom2": t}, str(path), metadata={**meta, "format_version": "0"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+        get_second_moments(model, other_tok, names, **kw)
+    assert any("format_version" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "stats: get_second_moments writes (and returns) non-finite statistics for a model with NaN "
+    "weights; it should raise ValueError naming the module before writing the cache"))
+def test_statistics_of_a_nan_model_are_refused_not_cached(env, tmp_path):
+    from blue_plugin.stats import get_second_moments
+
+    model = make_llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj"):
+        get_second_moments(model, env.tok, ["model.layers.0.mlp.down_proj"], str(env.corpus), 30, 16, tmp_path,
+                           model_id="tiny", progress=False)
+    assert list(tmp_path.glob("*.safetensors")) == []
