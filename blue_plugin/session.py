@@ -452,7 +452,7 @@ class EditSession:
 
         # -- statistics on the unedited model, as the uninterrupted run computed them --------
         if prepare_statistics and new_state.layers:
-            Editor(model, tok, hp, state).ensure_second_moments(sorted(new_state.layers))
+            Editor(model, tok, hp, state).ensure_second_moments(sorted(set(new_state.layers) | set(hp.edit_layers)))
 
         # -- apply (all-or-nothing) ----------------------------------------------------------
         originals = {n: params[n].detach().clone() for n in weights}
