@@ -65,6 +65,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import io
 import logging
 import multiprocessing as mp
@@ -586,19 +587,22 @@ class EasyEditWorker(_WorkerBase):
 
     system = "easyedit"
 
-    def __init__(self, cfg: SpeedConfig, model=None, tok=None):
+    def __init__(self, cfg: SpeedConfig, model=None, tok=None, log_dir: Optional[str] = None):
         super().__init__(cfg, model, tok)
         from blue_plugin.easyedit import import_easyeditor
 
         with contextlib.redirect_stdout(io.StringIO()):
             import_easyeditor(cfg.easyedit_root)
-        import easyeditor.models.alphaedit.AlphaEdit_main as ae_main  # type: ignore
-        import easyeditor.models.memit.memit_main as memit_main  # type: ignore
-        import easyeditor.models.rome.layer_stats as ls_mod  # type: ignore
+        # by module path: ``easyeditor.models`` as an attribute is shadowed by ``trainer.models``
+        ae_main = importlib.import_module("easyeditor.models.alphaedit.AlphaEdit_main")
+        memit_main = importlib.import_module("easyeditor.models.memit.memit_main")
+        ls_mod = importlib.import_module("easyeditor.models.rome.layer_stats")
 
         self.mods = {"MEMIT": memit_main, "AlphaEdit": ae_main}
         self.ls_mod = ls_mod
-        self.log = open(self.work / "easyedit-stdout.log", "a", encoding="utf-8")
+        self.log_path = Path(log_dir or self.work) / "easyedit-stdout.log"
+        self.log = open(self.log_path, "a", encoding="utf-8")
+        self.steps: list[int] = []
         self._docs: list[str] = []
         ls_mod.load_dataset = self._load_dataset  # serve the local corpus (this process only)
         self.tok.padding_side = "right"  # as BaseEditor sets it for MEMIT/AlphaEdit on Llama
@@ -617,6 +621,7 @@ class EasyEditWorker(_WorkerBase):
     def _timed(self, fn: Callable, phase: str, count: bool) -> Callable:
         def wrapper(*args, **kwargs):
             t0 = time.perf_counter()
+            calls0 = self.counter.calls
             if count:
                 self.counter.active = True
             try:
@@ -624,6 +629,12 @@ class EasyEditWorker(_WorkerBase):
             finally:
                 if count:
                     self.counter.active = False
+                    # compute_z runs one forward per iteration and stops after the forward whose
+                    # loss is small enough: gradient steps = forwards - 1; all forwards used =
+                    # never converged, recorded as v_num_grad_steps (ours' convention)
+                    forwards = self.counter.calls - calls0
+                    limit = self.hp.v_num_grad_steps
+                    self.steps.append(limit if forwards >= limit else forwards - 1)
                 self.phase[phase] = self.phase.get(phase, 0.0) + time.perf_counter() - t0
 
         wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -691,7 +702,7 @@ class EasyEditWorker(_WorkerBase):
                 for l in self.layers:
                     self.ls_mod.layer_stats(self.model, self.tok, hp.rewrite_module_tmp.format(l), str(stats_dir),
                                             _EE_CORPUS_NAME, to_collect=["mom2"], sample_size=n_samples,
-                                            precision=hp.mom2_dtype, hparams=hp, progress=None)
+                                            precision=hp.mom2_dtype, hparams=hp, progress=_no_progress)
         finally:
             if not into_cache:
                 shutil.rmtree(stats_dir, ignore_errors=True)
@@ -724,7 +735,7 @@ class EasyEditWorker(_WorkerBase):
 
     def _apply(self, method: str, batch: list[dict]) -> dict[str, Any]:
         mod, hp = self.mods[method], self.ee_hp[method]
-        self.phase = {}
+        self.phase, self.steps = {}, []
         t0 = time.perf_counter()
         with self._ee_call():
             if method == "MEMIT":
@@ -737,11 +748,16 @@ class EasyEditWorker(_WorkerBase):
         phases = {k: float(v) for k, v in self.phase.items()}
         phases["total"] = total
         phases["update"] = total - sum(v for k, v in phases.items() if k != "total")
-        return phases
+        return {**phases, "steps": {str(hp.layers[-1]): list(self.steps)}}
 
     def close(self) -> None:
         self.log.close()
         super().close()
+
+
+def _no_progress(iterable, total=None):
+    """Stands in for tqdm in EasyEdit's ``layer_stats`` (its ``progress=None`` path is broken)."""
+    return iterable
 
 
 WORKERS = {"ours": OursWorker, "easyedit": EasyEditWorker}
@@ -754,10 +770,15 @@ def _worker_entry(conn, system: str, cfg: SpeedConfig, log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ["BLUE_PLUGIN_NO_EASYEDIT"] = "1"  # never import EasyEdit implicitly (the ours worker)
+    if "fork" in mp.get_all_start_methods():
+        # a spawned child inherits 'spawn' as its default; EasyEdit's data loader (local collate
+        # function) needs the platform default, as in a normal EasyEdit run
+        mp.set_start_method("fork", force=True)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{system}] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     try:
-        worker = WORKERS[system](cfg)
+        kwargs = {"log_dir": str(Path(log_path).parent)} if system == "easyedit" else {}
+        worker = WORKERS[system](cfg, **kwargs)
         conn.send(("ok", worker.info()))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -859,7 +880,8 @@ def start_workers(cfg: SpeedConfig, log_dir: Path) -> dict[str, Any]:
                 torch.set_num_threads(cfg.threads)
             model, tok = load_model(cfg.model)
             for s in systems:
-                workers[s] = InProcessWorker(WORKERS[s](cfg, model, tok))
+                kwargs = {"log_dir": str(log_dir)} if s == "easyedit" else {}
+                workers[s] = InProcessWorker(WORKERS[s](cfg, model, tok, **kwargs))
     except BaseException:
         for w in workers.values():
             w.close()
