@@ -25,9 +25,9 @@ from .errors import BLUEConfigError, BLUEEditError
 from .hooks import frozen
 from .hparams import BLUEHyperParams
 from .keys import keys_and_outputs
-from .requests import EditRequest, key_rows, prepare_requests, target_rows
+from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule, null_space_projector
-from .state import EditState, fingerprint, get_state
+from .state import EditState, check_finite_parameters, fingerprint, get_state
 from .targets import TargetResult, compute_targets
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class _Pending:
 
     kkt: dict[int, torch.Tensor]
     originals: dict[int, torch.Tensor]
+    layer_init: dict[int, dict[str, Any]]  # first-edit facts of a layer (fingerprint, PRUNE original)
 
 
 class Editor:
@@ -131,6 +132,7 @@ class Editor:
     def apply(self, requests: Sequence[dict], return_orig_weights: bool = False) -> dict[str, torch.Tensor]:
         t_start = time.perf_counter()
         reqs = prepare_requests(self.tok, requests, self.hp)
+        check_finite_parameters(self.model)
         self.state.sync_with_weights(self.weight)  # stored orientation, as the fingerprints were taken
         layers = self.edit_layers()
         offloaded = [l for l in layers if self.weight(l).is_meta]
@@ -141,7 +143,8 @@ class Editor:
             )
         self.ensure_second_moments(layers)
         prefixes = self.prefixes()
-        pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in layers})
+        check_rows_fit(self.tok, reqs, prefixes, self.hp.fact_token, position_limit(self.model))
+        pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in layers}, layer_init={})
         record: dict[str, Any] = {
             "n_requests": len(reqs),
             "case_ids": [r.case_id for r in reqs],
@@ -217,25 +220,37 @@ class Editor:
         if not (torch.isfinite(K).all() and torch.isfinite(R).all()):
             raise BLUEEditError(f"layer {layer}: non-finite keys or residuals; the model may already contain NaN/inf weights.")
         Kt, Rt = K.T.to(dev, sd), R.T.to(dev, sd)
-        ls = self.state.layer(layer)
-        if ls.orig_fp is None:
-            ls.orig_fp = fingerprint(stored)
-        if self.rule.needs_original and ls.W_orig is None:
-            ls.W_orig = pending.originals[layer].to(sd)
-            ls.W_orig = as_out_in(module, ls.W_orig)
-            ls.sigma_max = float(torch.linalg.matrix_norm(ls.W_orig, ord=2))
+        ls = self.state.layers.get(layer)
+        init = pending.layer_init.setdefault(layer, {})
+        if (ls is None or ls.orig_fp is None) and "orig_fp" not in init:
+            init["orig_fp"] = fingerprint(pending.originals[layer])
+        W_orig, sigma_max = (ls.W_orig, ls.sigma_max) if ls is not None else (None, None)
+        if self.rule.needs_original and W_orig is None:
+            if "W_orig" not in init:
+                init["W_orig"] = as_out_in(module, pending.originals[layer].to(sd))
+                init["sigma_max"] = float(torch.linalg.matrix_norm(init["W_orig"], ord=2))
+            W_orig, sigma_max = init["W_orig"], init["sigma_max"]
+        kpkp = ls.kpkp if ls is not None else None
         x = LayerInputs(
             W=W,
             K=Kt,
             R=Rt,
             C0=self.C0(layer),
-            KpKp=ls.kpkp if self.rule.uses_kpkp(self.hp) else None,
+            KpKp=kpkp if self.rule.uses_kpkp(self.hp) else None,
             P=self.projector(layer) if self.rule.needs_projector else None,
-            W_orig=ls.W_orig,
-            sigma_max=ls.sigma_max,
+            W_orig=W_orig,
+            sigma_max=sigma_max,
         )
-        delta = self.rule.delta(x, self.hp)
-        W_new = self.rule.finalize(W + delta, x, self.hp)
+        try:
+            delta = self.rule.delta(x, self.hp)
+            if not torch.isfinite(delta).all():
+                raise BLUEEditError(
+                    f"layer {layer}: the {self.hp.base_method} update is not finite (check mom2_update_weight / L2 "
+                    "and the statistics); nothing was changed."
+                )
+            W_new = self.rule.finalize(W + delta, x, self.hp)
+        except torch.linalg.LinAlgError as exc:
+            raise BLUEEditError(f"layer {layer}: the {self.hp.base_method} solve failed ({exc}); nothing was changed.") from exc
         if W_new.shape != W.shape:
             raise BLUEEditError(f"layer {layer}: update has shape {tuple(W_new.shape)}, expected {tuple(W.shape)}.")
         new_stored = from_out_in(module, W_new).to(stored.dtype)
@@ -254,6 +269,11 @@ class Editor:
                 self.weight(layer).copy_(W)
 
     def _commit(self, pending: _Pending, n: int) -> None:
+        for layer, init in pending.layer_init.items():
+            ls = self.state.layer(layer)
+            for key, value in init.items():
+                if getattr(ls, key) is None:
+                    setattr(ls, key, value)
         for layer, kkt in pending.kkt.items():
             ls = self.state.layer(layer)
             ls.kpkp = kkt.clone() if ls.kpkp is None else ls.kpkp + kkt

@@ -175,16 +175,13 @@ def test_engine_later_batch_failure_changes_nothing(tok, monkeypatch, method, fa
     w0, s0 = weights(model), get_state(model).snapshot()
     install, exc = FAILURES[failure]
     install(monkeypatch, method)
-    # (PRUNE's SVD of a non-finite matrix raises LinAlgError in the engine; see the xfail below)
+    # (the engine turns a non-finite PRUNE update into BLUEEditError before the SVD)
     with pytest.raises((exc, torch.linalg.LinAlgError)):
         apply_blue_to_model(model, tok, BATCHES[1], hp)
     assert changed_params(w0, model) == set()
     assert get_state(model).same_edits(s0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: PRUNE's finalize runs an SVD on the non-finite W + delta before the finiteness check, "
-    "so a NaN update surfaces as torch LinAlgError instead of BLUEEditError (EditSession converts it)"))
 def test_engine_nonfinite_prune_update_is_blue_edit_error(tok, monkeypatch):
     model, hp = _setup(tok, "PRUNE")
     _fail_rule_on_call(monkeypatch, "PRUNE", 2, lambda d: d * math.nan)
@@ -192,9 +189,6 @@ def test_engine_nonfinite_prune_update_is_blue_edit_error(tok, monkeypatch):
         apply_blue_to_model(model, tok, BATCHES[1], hp)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.Editor._update sets LayerState.orig_fp (and PRUNE's W_orig/sigma_max) before the batch "
-    "commits; a first batch that fails leaves them in the state (EditSession restores them)"))
 @pytest.mark.parametrize("method", ["MEMIT", "PRUNE"])
 def test_engine_first_batch_failure_leaves_state_empty(tok, monkeypatch, method):
     model, hp = _setup(tok, method)
