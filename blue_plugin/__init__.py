@@ -13,6 +13,7 @@ from .errors import BLUEConfigError, BLUEEditError, BLUERequestError
 from .hparams import BLUEHyperParams
 from .models import default_cache_dir, load_model
 from .state import EditState, get_state, reset_state
+from .session import BLUESessionError, EditSession
 from .easyedit import register_with_easyedit, try_register
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -24,6 +25,8 @@ __all__ = [
     "BLUEConfigError",
     "BLUEEditError",
     "BLUERequestError",
+    "BLUESessionError",
+    "EditSession",
     "EditState",
     "Editor",
     "apply_blue_to_model",
