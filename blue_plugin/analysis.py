@@ -557,7 +557,8 @@ def weight_deviation_vs_sequence(
     ``cumulative_t = ||sum_{s<=t} (Delta_s(R_dist) - Delta_s(R^l))||_F``. Weights and the model's
     own edit state are restored on return. Cost per batch: m + 1 target optimisations.
 
-    Returns ``{"layers", "batch_size", "n_batches", "edits": [B, 2B, ...], "error": {l: [T]},
+    Returns ``{"layers", "batch_size", "n_batches", "edits_before": [0, B, ...] (edits in the model
+    when batch t was measured), "edits": [B, 2B, ...] (after it was applied), "error": {l: [T]},
     "relative": {l: [T]}, "cumulative": {l: [T]}}``."""
     hp = coerce_hparams(hparams)
     base = Editor(model, tok, hp)
@@ -569,7 +570,7 @@ def weight_deviation_vs_sequence(
     layers = check_layers(hp.layers, editor.layout.n_layers)
     editor.ensure_second_moments(layers)
     out: dict[str, Any] = {"layers": layers, "batch_size": batch_size, "n_batches": len(batches), "edit_blue": edit_blue,
-                           "edits": [], "error": {l: [] for l in layers}, "relative": {l: [] for l in layers},
+                           "edits_before": [], "edits": [], "error": {l: [] for l in layers}, "relative": {l: [] for l in layers},
                            "cumulative": {l: [] for l in layers}}
     cum: dict[int, torch.Tensor] = {}
     with weights_restored(editor, layers):
@@ -581,6 +582,7 @@ def weight_deviation_vs_sequence(
                 out["error"][l].append(e)
                 out["relative"][l].append(e / ref if ref > 0 else float("nan"))
                 out["cumulative"][l].append(float(cum[l].norm()))
+            out["edits_before"].append(sum(len(b) for b in batches[:t]))
             editor.apply(batch)
             out["edits"].append(sum(len(b) for b in batches[: t + 1]))
             logger.info("sequence: batch %d/%d edited; errors %s", t + 1, len(batches),

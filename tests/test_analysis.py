@@ -376,7 +376,7 @@ def test_weight_deviation_vs_sequence_uses_the_accumulated_keys():
     out = A.weight_deviation_vs_sequence(model, tok, hp, reqs, 1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert get_state(model).n_edits == 0 and not get_state(model).history
-    assert out["edits"] == [1, 2] and out["n_batches"] == 2
+    assert out["edits"] == [1, 2] and out["edits_before"] == [0, 1] and out["n_batches"] == 2
     lam = hp.mom2_update_weight
     a0 = A.residual_analysis(model, tok, hp, reqs[:1])
     e0 = float((hand_memit(a0["K"][0], a0["R_dist"][0], lam) - hand_memit(a0["K"][0], a0["R_direct"][0], lam)).norm())
@@ -486,3 +486,41 @@ def test_suggest_critical_layers():
     assert T.suggest_critical_layers([1, 1, 1, 1], 2) == [0, 1]
     with pytest.raises(ValueError):
         T.suggest_critical_layers([1, 2], 3)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_json_plots_and_resumes(tmp_path, monkeypatch):
+    """benchmarks.analysis end to end on a tiny Llama saved as a model folder: every analysis,
+    analysis.json + summary.md + one PNG each; a second run reuses the finished analyses."""
+    import benchmarks.analysis as cli
+    from blue_plugin.data import load_cases
+
+    data = cli.DEFAULT_DATA
+    if not data.is_file():
+        pytest.skip(f"{data} not available")
+    model, tok = make_model("llama")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["--what", "all", "--n", "3", "--model", str(folder), "--out", str(out), "--set", "layers=[0, 1, 2]",
+            "--set", "v_loss_layer=-1", "--set", "mom2_n_samples=10", "--set", "mom2_max_length=12",
+            "--set", "context_template_length_params=[[3, 1]]", "--stats-dir", str(tmp_path / "stats"), "--steps", "2",
+            "--batch-sizes", "1,2", "--seq-batches", "2", "--seq-batch-size", "1", "--trace-samples", "2",
+            "--dynamic-batch-size", "2", "--smoke", "--threads", "1"]
+    assert cli.main(argv) == 0
+    res = cli.read_json(out / "analysis.json")
+    assert set(res["results"]) == set(cli.ANALYSES) and res["config"]["smoke"] is True
+    assert {p.name for p in out.glob("*.png")} == {f"{a}.png" for a in cli.ANALYSES}
+    assert "SMOKE OUTPUT" in (out / "summary.md").read_text()
+    cos = res["results"]["cosine"]["original"]["mean"]
+    assert cos["2"] == pytest.approx(1.0)
+    calls = []
+    monkeypatch.setattr(cli, "run_analysis", lambda name, ctx: calls.append(name))
+    assert cli.main(argv) == 0
+    assert calls == []
+    with pytest.raises(ValueError, match="unknown analysis"):
+        cli.parse_what("cosine,attention")
+    assert cli.parse_int_list("0-2,5", "x") == [0, 1, 2, 5]
