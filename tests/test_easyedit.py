@@ -440,21 +440,22 @@ class TestRealEasyEdit:
             from benchmarks import run_blue_editing as runner
         finally:
             sys.path.remove(str(REPO_ROOT))
-        hp = _test_hparams(batch_size=2)
+        hp = _test_hparams(batch_size=1)
         yaml_path = tmp_path / "hp.yaml"
         import yaml
 
         yaml_path.write_text(yaml.safe_dump({f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}))
         result = runner.main([
             "--editing_method", "BLUE", "--hparams_dir", str(yaml_path), "--data_dir", str(CF_FILE),
-            "--data_type", "CF", "--ds_size", "2", "--batch_size", "2", "--sequential_edit",
+            "--data_type", "CF", "--ds_size", "1", "--batch_size", "1", "--sequential_edit",
             "--output_dir", str(tmp_path / "out"), "--easyedit_root", easyedit.root,
         ])
         assert Path(result["output_file"]).is_file()
-        assert result["n_cases"] == 2 and result["data_format"] == "counterfact"
+        assert result["n_cases"] == 1 and result["data_format"] == "counterfact"
+        assert result["summary"]["post"]["rewrite_acc"] == 1.0
 
-        editor, _ = editor_factory(batch_size=2)
-        data = runner.load_edit_data(CF_FILE, "CF", 2)
+        editor, _ = editor_factory(batch_size=1)
+        data = runner.load_edit_data(CF_FILE, "CF", 1)
         direct = runner.summarize(runner.run_edits(editor, data, editor.hparams, sequential_edit=True))
         print(f"runner summary {result['summary']}\ndirect summary {direct}")
         assert result["summary"]["post"]["rewrite_acc"] == pytest.approx(direct["post"]["rewrite_acc"], abs=1e-9)
