@@ -18,7 +18,8 @@ Analyses (``--what``, comma-separated; ``all`` = every one):
 Definitions: :mod:`blue_plugin.analysis`, :mod:`blue_plugin.tracing`, :mod:`blue_plugin.selection`.
 Outputs in ``--out``: ``analysis.json`` (config, versions, machine, timings, every result),
 ``summary.md`` and one PNG per analysis. A finished analysis is kept in ``analysis.json`` and
-skipped when the same command runs again (``--restart`` recomputes everything).
+skipped when the command runs again with the same settings (other ``--what`` lists add to the same
+folder; ``--restart`` recomputes everything).
 
 Examples::
 
@@ -541,22 +542,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, cases = load_cases(args.data, n_cases)
     requests, kept = valid_requests(tok, hp, cases)
     config = {
-        "schema_version": SCHEMA_VERSION, "what": what, "model": args.model, "data": args.data, "n_requests": min(args.n, len(requests)),
+        "schema_version": SCHEMA_VERSION, "model": args.model, "data": args.data, "n_requests": min(args.n, len(requests)),
         "hparams": hp.to_dict(), "seed": args.seed, "smoke": args.smoke, "device": str(next(model.parameters()).device),
-        "batch_size": args.batch_size, "batch_sizes": args.batch_sizes, "seq": [args.seq_batches, args.seq_batch_size],
-        "deviation_layers": args.deviation_layers, "trace": [args.trace_n or args.n, args.trace_samples, args.trace_window, args.trace_kinds],
-        "dynamic": [args.dynamic_n or args.n, args.dynamic_batch_size, args.dynamic_criterion, args.dynamic_window],
-        "sequential_cosine": args.sequential_cosine,
+    }
+    options = {  # per analysis: a stored result is reused only when its options are the same
+        "contribution": {"batch_size": args.batch_size},
+        "cosine": {"sequential_cosine": args.sequential_cosine},
+        "single_layer": {"batch_size": args.batch_size},
+        "steps": {},
+        "deviation": {"batch_sizes": args.batch_sizes, "seq": [args.seq_batches, args.seq_batch_size],
+                      "deviation_layers": args.deviation_layers},
+        "tracing": {"n": args.trace_n or args.n, "samples": args.trace_samples, "window": args.trace_window,
+                    "kinds": args.trace_kinds},
+        "dynamic": {"n": args.dynamic_n or args.n, "batch_size": args.dynamic_batch_size,
+                    "criterion": args.dynamic_criterion, "window": args.dynamic_window},
     }
     path = out / RESULTS_FILE
-    result: dict[str, Any] = {"config": config, "results": {}, "timings": {"load_model_s": time.perf_counter() - t0}}
+    result: dict[str, Any] = {"config": config, "options": {}, "results": {}, "timings": {"load_model_s": time.perf_counter() - t0}}
     if path.is_file() and not args.restart:
         old = read_json(path)
         if old.get("config", {}) == read_json_roundtrip(config):
-            result["results"], result["timings"] = old.get("results", {}), {**old.get("timings", {}), **result["timings"]}
-            logger.info("resuming: %s already done", sorted(result["results"]))
+            same = {k for k, v in old.get("results", {}).items()
+                    if old.get("options", {}).get(k) == read_json_roundtrip(options.get(k))}
+            result["results"] = {k: old["results"][k] for k in same}
+            result["options"] = {k: old["options"][k] for k in same}
+            result["timings"] = {**{k: v for k, v in old.get("timings", {}).items()}, **result["timings"]}
+            logger.info("reusing finished analyses: %s", sorted(same))
         else:
-            logger.warning("%s holds results of another configuration; they are replaced", path)
+            logger.warning("%s holds results of another model/data/hyperparameters; they are replaced", path)
     result["versions"], result["machine"] = versions(), machine_info()
     ctx = {"model": model, "tok": tok, "hp": hp, "args": args, "requests": requests[: args.n],
            "seq_requests": requests, "trace_requests": requests[: args.trace_n or args.n],
@@ -567,6 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.info("running %s", name)
         t1 = time.perf_counter()
         result["results"][name] = _strip(run_analysis(name, ctx))
+        result["options"][name] = options[name]
         result["timings"][f"{name}_s"] = time.perf_counter() - t1
         if "residuals_time" in ctx:
             result["timings"]["residual_analysis_s"] = ctx["residuals_time"]
@@ -574,7 +588,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = read_json(path)  # JSON form (string keys) for plots and summary
     if not args.no_plots:
         label = f"{Path(str(args.model)).name}, layers {hp.layers}, n={config['n_requests']}" + (" -- SMOKE (tiny settings)" if args.smoke else "")
-        result["plots"] = make_plots({k: v for k, v in result["results"].items() if k in what}, out, label)
+        result["plots"] = make_plots(result["results"], out, label)
         write_json(path, result)
     (out / "summary.md").write_text(render_summary(result), encoding="utf-8")
     logger.info("wrote %s, summary.md and plots to %s", RESULTS_FILE, out)

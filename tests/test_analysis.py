@@ -518,9 +518,14 @@ def test_cli_writes_json_plots_and_resumes(tmp_path, monkeypatch):
     cos = res["results"]["cosine"]["original"]["mean"]
     assert cos["2"] == pytest.approx(1.0)
     calls = []
-    monkeypatch.setattr(cli, "run_analysis", lambda name, ctx: calls.append(name))
+    original = cli.run_analysis
+    monkeypatch.setattr(cli, "run_analysis", lambda name, ctx: calls.append(name) or original(name, ctx))
     assert cli.main(argv) == 0
-    assert calls == []
+    assert calls == []  # everything reused
+    argv[argv.index("--trace-samples") + 1] = "1"
+    assert cli.main(argv) == 0
+    assert calls == ["tracing"]  # only the analysis whose options changed
+    assert cli.read_json(out / "analysis.json")["results"]["tracing"]["mlp"]["samples"] == 1
     with pytest.raises(ValueError, match="unknown analysis"):
         cli.parse_what("cosine,attention")
     assert cli.parse_int_list("0-2,5", "x") == [0, 1, 2, 5]
