@@ -206,21 +206,23 @@ def run_analysis(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             ctx["residuals_time"] = time.perf_counter() - t0
         return ctx["residuals"]
 
+    def effects(via):
+        key = f"effects_{via}"
+        if key not in ctx:
+            kw = {"batch_size": args.batch_size} if via == "weight" else {}
+            ctx[key] = A.single_layer_effects(model, tok, hp, reqs, analysis=shared(), via=via, **kw)
+        return ctx[key]
+
     if name == "contribution":
-        a = shared()
-        return {"hidden": A.contribution_scores(model, tok, hp, reqs, analysis=a, via="hidden"),
-                "weight": A.contribution_scores(model, tok, hp, reqs, analysis=a, via="weight", batch_size=args.batch_size),
-                "residuals": A.summarize_analysis(a)}
+        return {via: A.contribution_scores(model, tok, hp, reqs, via=via, effects=effects(via)) for via in ("hidden", "weight")} | {
+            "residuals": A.summarize_analysis(shared())}
     if name == "cosine":
-        a = shared()
-        out = {"original": A.residual_cosine(model, tok, hp, reqs, analysis=a)}
+        out = {"original": A.residual_cosine(model, tok, hp, reqs, analysis=shared())}
         if args.sequential_cosine:
             out["sequential"] = A.residual_cosine(model, tok, hp, reqs, sequential=True)
         return out
     if name == "single_layer":
-        a = shared()
-        return {"weight": A.single_layer_efficacy(model, tok, hp, reqs, analysis=a, batch_size=args.batch_size),
-                "hidden": A.single_layer_efficacy(model, tok, hp, reqs, analysis=a, via="hidden")}
+        return {via: A.single_layer_efficacy(model, tok, hp, reqs, via=via, effects=effects(via)) for via in ("weight", "hidden")}
     if name == "steps":
         return {"updated": A.optimisation_steps(model, tok, hp, reqs, update=True),
                 "unedited": A.optimisation_steps(model, tok, hp, reqs, update=False)}

@@ -394,30 +394,42 @@ def single_layer_effects(
     return out
 
 
-def contribution_scores(model, tok, hparams: Any, requests: Sequence[dict], *, via: str = "hidden", **kw: Any) -> dict[str, Any]:
+def contribution_scores(model, tok, hparams: Any, requests: Sequence[dict], *, via: str = "hidden",
+                        effects: Optional[dict] = None, **kw: Any) -> dict[str, Any]:
     """(1) Contribution score per critical layer, ``s_l = P_edited(o*|p) - P_orig(o*|p)`` with only
     layer l's change applied, for the distributed and the direct residual. Adds ``mean`` / ``std``
-    of the scores per kind and layer to :func:`single_layer_effects`' result."""
-    out = single_layer_effects(model, tok, hparams, requests, via=via, **kw)
+    of the scores per kind and layer to :func:`single_layer_effects`' result (pass that result as
+    ``effects`` to reuse it; ``kw`` go to :func:`single_layer_effects`)."""
+    out = _effects(model, tok, hparams, requests, via, effects, kw)
+    out = {**out, **{kind: dict(out[kind]) for kind in KINDS}}
     for kind in KINDS:
         out[kind]["mean"] = {l: _mean(v) for l, v in out[kind]["score"].items()}
         out[kind]["std"] = {l: _std(v) for l, v in out[kind]["score"].items()}
     return out
 
 
-def single_layer_efficacy(model, tok, hparams: Any, requests: Sequence[dict], *, via: str = "weight", **kw: Any) -> dict[str, Any]:
+def single_layer_efficacy(model, tok, hparams: Any, requests: Sequence[dict], *, via: str = "weight",
+                          effects: Optional[dict] = None, **kw: Any) -> dict[str, Any]:
     """(3) Efficacy of editing a single layer with the direct vs the distributed residual
     (default: the layer's weight update). Returns ``{"layers", "via", "efficacy_orig": mean,
-    "distributed"/"direct": {l: mean efficacy}, "p": {kind: {l: mean P(o*|p)}}, "detail": ...}``."""
-    d = single_layer_effects(model, tok, hparams, requests, via=via, **kw)
+    "distributed"/"direct": {l: mean efficacy}, "p": {kind: {l: mean P(o*|p)}}, "p_orig"}``
+    (``effects``: a :func:`single_layer_effects` result to reuse)."""
+    d = _effects(model, tok, hparams, requests, via, effects, kw)
     return {
-        "layers": d["layers"], "via": via, "sequential": d["sequential"],
+        "layers": d["layers"], "via": d["via"], "sequential": d["sequential"],
         "efficacy_orig": _mean(d["efficacy_orig"]),
         "p_orig": _mean(d["p_orig"]),
         **{kind: {l: _mean(v) for l, v in d[kind]["efficacy"].items()} for kind in KINDS},
         "p": {kind: {l: _mean(v) for l, v in d[kind]["p"].items()} for kind in KINDS},
-        "detail": d,
     }
+
+
+def _effects(model, tok, hparams, requests, via, effects, kw) -> dict[str, Any]:
+    if effects is None:
+        return single_layer_effects(model, tok, hparams, requests, via=via, **kw)
+    if effects.get("via") != via:
+        raise ValueError(f"the given effects were measured via {effects.get('via')!r}, not {via!r}.")
+    return effects
 
 
 # ------------------------------------------------------------------------------------------------

@@ -280,6 +280,13 @@ def test_contribution_hidden_adds_the_residual_at_the_block():
             assert c[kind]["mean"][l] == pytest.approx(float((p - p0).mean()), rel=1e-4, abs=1e-9)
     # at the last layer the distributed residual is R^L itself
     assert c["direct"]["mean"][2] == pytest.approx(c["distributed"]["mean"][2])
+    e = A.single_layer_effects(model, tok, hp, reqs, analysis=a, via="hidden")
+    assert A.contribution_scores(model, tok, hp, reqs, via="hidden", effects=e)["direct"]["mean"] == c["direct"]["mean"]
+    assert "mean" not in e["direct"]  # the given effects are not modified
+    eff = A.single_layer_efficacy(model, tok, hp, reqs, via="hidden", effects=e)
+    assert eff["direct"][0] == pytest.approx(sum(e["direct"]["efficacy"][0]) / 3)
+    with pytest.raises(ValueError, match="measured via"):
+        A.single_layer_efficacy(model, tok, hp, reqs, via="weight", effects=e)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
