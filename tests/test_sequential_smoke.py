@@ -225,3 +225,22 @@ def test_smoke_smollm2_counterfact(smollm2, tmp_path):
     assert lines[0].startswith("| Method | Efficacy | Generalization | Specificity | Fluency | Consistency |")
     assert [l.split("|")[1].strip() for l in lines[1:4]] == ["pre", "MEMIT_BLUE", "AlphaEdit"]
     assert (tmp_path / "run" / "steps_per_layer.png").stat().st_size > 1000
+
+
+@needs_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_run_on_cuda(tiny_setup, tmp_path):
+    """device='cuda' moves the model; editing, checkpoints, evaluation and costs work there."""
+    from tests.tiny import make_llama
+
+    _, tok, hp_path = tiny_setup
+    model = make_llama(n_layers=4, hidden=32, intermediate=64)
+    W0 = model.model.layers[3].mlp.down_proj.weight.detach().clone()
+    res = seq.run_benchmark(data=CF, methods="MEMIT_BLUE,PRUNE,AlphaEdit", n=4, batch_size=2, out=tmp_path / "cuda",
+                            hparams=hp_path, model=model, tok=tok, device="cuda", fluency_tokens=4, eval_every=2,
+                            progress=False, plots=False)
+    assert res["config"]["device"].startswith("cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    assert torch.equal(model.model.layers[3].mlp.down_proj.weight.cpu(), W0)
+    for m in res["methods"].values():
+        assert m["summary"]["efficacy"]["n"] == 4 and m["costs"]["cuda_peak_mib"] > 0
