@@ -578,7 +578,8 @@ def weight_deviation_vs_sequence(
     if not batches:
         raise ValueError("give at least one request and a positive batch_size.")
     state = scratch_state(base.state)
-    editor = Editor(model, tok, hp.replace(blue=edit_blue), state)
+    seq_hp = hp.replace(blue=edit_blue, layer_selection=hp.layer_selection if edit_blue else "all")
+    editor = Editor(model, tok, seq_hp, state)
     layers = check_layers(hp.layers, editor.layout.n_layers)
     editor.ensure_second_moments(layers)
     out: dict[str, Any] = {"layers": layers, "batch_size": batch_size, "n_batches": len(batches), "edit_blue": edit_blue,

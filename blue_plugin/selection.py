@@ -6,7 +6,8 @@ from ``layers[-1] - dynamic_window .. layers[-1]`` (always first < last), each b
 criterion on the batch's own targets:
 
 - ``"residual_norm"`` (default): the mean relative residual ``||z_c - h_c|| / ||h_c||`` -- the
-  layer where the edit has to move the hidden state least;
+  layer where the edit has to move the hidden state least (the target optimisation clamps it at
+  ``clamp_norm_factor``, so ties are possible);
 - ``"steps"``: the mean number of target-optimisation steps (ties broken by the relative residual);
 - ``"update_norm"``: ``||Delta_c||_F / ||W_c||_F`` of the layer's closed-form update -- the layer
   whose weights change least.
@@ -14,7 +15,8 @@ criterion on the batch's own targets:
 The first boundary is chosen on the model as it is; the chosen first layer's update is then
 applied (temporarily) and the last boundary is chosen on that model, in the order BLUE edits
 them. Cost: one target optimisation per candidate (``2 * (dynamic_window + 1)`` at most), on top
-of the two the edit itself needs. Weights and the edit state are unchanged on return.
+of the two the edit itself needs. Ties go to the configured boundary (``layers[0]`` /
+``layers[-1]``). Weights and the edit state are unchanged on return.
 """
 from __future__ import annotations
 
@@ -72,11 +74,13 @@ def _score(rec: dict[str, Any], criterion: str) -> tuple:
     return (rec["relative_residual"],)
 
 
-def _pick(editor, reqs, prefixes, candidates: Sequence[int], criterion: str, log: dict) -> tuple[int, Optional[dict]]:
+def _pick(editor, reqs, prefixes, candidates: Sequence[int], criterion: str, log: dict, prefer_high: bool) -> tuple[int, Optional[dict]]:
+    """The candidate with the lowest score; ties go to the configured boundary (the lowest
+    candidate for the first layer, the highest for the last)."""
     if len(candidates) == 1:
         return candidates[0], None
     recs = {c: _evaluate(editor, reqs, prefixes, c, criterion) for c in candidates}
-    best = min(candidates, key=lambda c: _score(recs[c], criterion) + (c,))
+    best = min(candidates, key=lambda c: _score(recs[c], criterion) + (-c if prefer_high else c,))
     for c, rec in recs.items():
         log[c] = {k: v for k, v in rec.items() if k in ("relative_residual", "mean_steps", "relative_update")}
     return best, recs[best]
@@ -108,7 +112,7 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
         needs_c0 = window_layers(hp) if criterion == "update_norm" else firsts
         editor.ensure_second_moments(needs_c0)
         with frozen(editor.model), weights_restored(editor, firsts):
-            first, rec = _pick(editor, reqs, prefixes, firsts, criterion, log["first"])
+            first, rec = _pick(editor, reqs, prefixes, firsts, criterion, log["first"], prefer_high=False)
             remaining = [l for l in lasts if l > first]
             if len(remaining) > 1:
                 # Apply the chosen first layer's update, as BLUE does before the last layer.
@@ -118,7 +122,7 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
                 if delta is None:
                     delta = layer_update(editor, first, rec["K"], rec["R"])
                 add_update(editor, first, delta)
-            last, _ = _pick(editor, reqs, prefixes, remaining, criterion, log["last"])
+            last, _ = _pick(editor, reqs, prefixes, remaining, criterion, log["last"], prefer_high=True)
         chosen = (first, last)
     log["chosen"] = list(chosen)
     if details is not None:

@@ -94,7 +94,7 @@ def test_choice_is_the_hand_argmin(criterion, monkeypatch):
     # the last-boundary targets were optimised on the model with the first update in it
     for l in (2, 3):
         assert torch.allclose(z[l].h.double(), hand_h(edited, tok, hp, l, raw), rtol=1e-4, atol=1e-5)
-    expect_last = min((2, 3), key=lambda l: score(edited, l) + (l,))
+    expect_last = min((2, 3), key=lambda l: score(edited, l) + (-l,))  # ties: the configured last layer
     assert last == expect_last
     assert details["chosen"] == [first, last] and details["criterion"] == criterion
 
@@ -115,3 +115,21 @@ def test_bad_input():
         S.choose_boundary_layers(editor, reqs, prefixes, criterion="random")
     with pytest.raises(ValueError, match="at least one request"):
         S.choose_boundary_layers(editor, [], prefixes)
+
+
+def test_ties_go_to_the_configured_boundaries(monkeypatch):
+    """Equal scores everywhere (e.g. every target clamped): (layers[0], layers[-1])."""
+    editor, reqs, prefixes = _editor([0, 3], 1)
+    seen = []
+
+    def flat(editor, reqs, prefixes, layer, criterion):
+        seen.append(layer)
+        K = torch.zeros(len(reqs), editor.W(layer).shape[1])
+        R = torch.zeros(len(reqs), editor.W(layer).shape[0])
+        return {"relative_residual": 4.0, "mean_steps": 8.0, "relative_update": 0.0, "K": K, "R": R}
+
+    monkeypatch.setattr(S, "_evaluate", flat)
+    for criterion in S.CRITERIA:
+        seen.clear()
+        assert S.choose_boundary_layers(editor, reqs, prefixes, criterion=criterion) == (0, 3)
+        assert seen == [0, 1, 2, 3]
