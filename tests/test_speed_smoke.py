@@ -159,3 +159,37 @@ def test_gpu_check_small_cpu(tmp_path):
         assert all(1 <= max(s) <= 3 for s in run["steps"].values())
         assert run["weights_changed"] is True
     assert res["runs"]["AlphaEdit_BLUE"]["projector_s"] is not None
+
+
+def test_speed_cli_process_isolation(tiny_setup, tmp_path, monkeypatch, capsys):
+    """The default isolation: each system in a spawned worker process, driven through the CLI."""
+    from benchmarks import speed
+
+    monkeypatch.delenv("EASYEDIT_ROOT", raising=False)
+    monkeypatch.setenv("BLUE_PLUGIN_NO_EASYEDIT", "1")
+    root = tiny_setup
+    rc = speed.main(["--out", str(tmp_path / "p"), "--model", str(root / "model"), "--hparams", str(root / "tiny.yaml"),
+                     "--data", str(root / "cf.json"), "--n", "1", "--batch-size", "1", "--reps", "1",
+                     "--methods", "MEMIT_BLUE", "--threads", "1", "--plain-iters", "1"])
+    assert rc == 0
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert res["config"]["isolation"] == "process"
+    assert res["workers"]["ours"]["pid"] != os.getpid()  # ran in a worker process
+    assert res["command"].endswith("--plain-iters 1") and "--isolation" not in res["command"]
+    (run,) = res["runs"]
+    assert run["method"] == "MEMIT_BLUE" and run["edit"]["rss_reset"] in (True, False)
+    assert (tmp_path / "p" / "worker-ours.log").is_file()
+    assert "ours/MEMIT_BLUE" in capsys.readouterr().out
+
+
+def test_speed_bad_data_is_reported(tiny_setup, tmp_path):
+    """A data file with fewer cases than the run needs fails before anything is measured, with
+    the cause, and no result files are written."""
+    from benchmarks import speed
+
+    root = tiny_setup
+    cfg = speed.SpeedConfig(model=str(root / "model"), hparams=str(root / "tiny.yaml"), data=str(root / "cf.json"),
+                            n=5, batch_size=5, reps=1, isolation="none", threads=1)
+    with pytest.raises(ValueError, match="holds only 3 records"):
+        speed.run_speed(cfg, tmp_path / "e")
+    assert not (tmp_path / "e" / "results.json").exists()
