@@ -134,16 +134,28 @@ class Editor:
         reqs = prepare_requests(self.tok, requests, self.hp)
         check_finite_parameters(self.model)
         self.state.sync_with_weights(self.weight)  # stored orientation, as the fingerprints were taken
-        layers = self.edit_layers()
-        offloaded = [l for l in layers if self.weight(l).is_meta]
+        dynamic = self.hp.blue and self.hp.layer_selection == "dynamic"
+        if dynamic:
+            from .selection import choose_boundary_layers, window_layers
+
+            candidates = window_layers(self.hp)
+        else:
+            candidates = self.edit_layers()
+        offloaded = [l for l in candidates if self.weight(l).is_meta]
         if offloaded:
             raise BLUEConfigError(
                 f"the weights of layer(s) {offloaded} are offloaded (device 'meta', accelerate disk/CPU offload); "
                 "load the model with a device_map that keeps the edited layers on a GPU or the CPU."
             )
-        self.ensure_second_moments(layers)
+        self.ensure_second_moments(candidates)
         prefixes = self.prefixes()
         check_rows_fit(self.tok, reqs, prefixes, self.hp.fact_token, position_limit(self.model))
+        selection: Optional[dict] = None
+        if dynamic:
+            selection = {}
+            layers = sorted(set(choose_boundary_layers(self, reqs, prefixes, criterion=self.hp.dynamic_criterion, details=selection)))
+        else:
+            layers = candidates
         pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in layers}, layer_init={})
         record: dict[str, Any] = {
             "n_requests": len(reqs),
@@ -156,6 +168,8 @@ class Editor:
             "residual_norm": {},
             "time": {"targets": 0.0, "keys": 0.0, "update": 0.0},
         }
+        if selection is not None:
+            record["layer_selection"] = selection
         try:
             with frozen(self.model):
                 if self.hp.blue:

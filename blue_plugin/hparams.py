@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 BASE_METHODS = ("MEMIT", "RECT", "PRUNE", "AlphaEdit")
 FACT_TOKENS = ("subject_last", "subject_first", "last")
 LAYER_SELECTIONS = ("all", "dynamic")
+DYNAMIC_CRITERIA = ("residual_norm", "steps", "update_norm")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # Keys that EasyEdit YAMLs of the base methods carry but that this plugin has no use for.
@@ -87,6 +88,9 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     layers: list = _f([4, 5, 6, 7, 8], "Critical layers, ascending, e.g. [4, 5, 6, 7, 8] or [4, 8].", (list,))
     layer_selection: str = _f("all", f"One of {LAYER_SELECTIONS}.", _STR)
     dynamic_window: int = _f(1, "layer_selection=dynamic: how far each boundary may move inward.", _INT)
+    dynamic_criterion: str = _f(
+        "residual_norm", f"layer_selection=dynamic: criterion, one of {DYNAMIC_CRITERIA}.", _STR
+    )
     fact_token: str = _f("subject_last", f"Token whose representation is edited: {FACT_TOKENS}.", _STR)
 
     # --- target-value optimisation -------------------------------------------------------
@@ -185,6 +189,8 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
             bad("layer_selection", f"must be one of {LAYER_SELECTIONS}, got {self.layer_selection!r}.")
         if self.layer_selection == "dynamic" and not self.blue:
             bad("layer_selection", "'dynamic' only applies with blue: true.")
+        if self.dynamic_criterion not in DYNAMIC_CRITERIA:
+            bad("dynamic_criterion", f"must be one of {DYNAMIC_CRITERIA}, got {self.dynamic_criterion!r}.")
         if self.dynamic_window < 0:
             bad("dynamic_window", "must be >= 0.")
         if self.fact_token not in FACT_TOKENS:
