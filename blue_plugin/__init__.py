@@ -14,7 +14,7 @@ from .hparams import BLUEHyperParams
 from .models import default_cache_dir, load_model
 from .state import EditState, get_state, reset_state
 from .session import BLUESessionError, EditSession
-from .easyedit import register_with_easyedit, try_register
+from .easyedit import EasyEditModel, register_with_easyedit, try_register, with_model
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -34,6 +34,8 @@ __all__ = [
     "get_state",
     "load_model",
     "register_with_easyedit",
+    "EasyEditModel",
+    "with_model",
     "reset_state",
 ]
 

@@ -39,13 +39,12 @@ DEFAULTED_YAML_KEYS = ("base_method", "blue")
 
 
 def _easyedit_base() -> type:
-    """EasyEdit's HyperParams when ``easyeditor`` is importable, else a small stand-in."""
-    try:  # pragma: no cover - depends on the environment
-        from easyeditor.util.hparams import HyperParams  # type: ignore
+    """EasyEdit's HyperParams when EasyEdit is available (see :mod:`blue_plugin.easyedit`), else
+    a small stand-in, so EasyEdit code that checks ``isinstance(hp, HyperParams)`` works."""
+    from .easyedit import easyedit_hyperparams_base
 
-        return HyperParams
-    except Exception:  # ImportError, or EasyEdit failing on optional dependencies
-        return _StandaloneHyperParams
+    base = easyedit_hyperparams_base()
+    return base if base is not None else _StandaloneHyperParams
 
 
 class _StandaloneHyperParams:
@@ -84,7 +83,7 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     base_method: str = _f("MEMIT", f"Update rule: one of {BASE_METHODS}.", _STR)
     blue: bool = _f(True, "True: BLUE (first and last layer, direct residuals); False: original method.", _BOOL)
     model_name: str = _f("smollm2-135m", "Model name or local Hugging Face folder.", _STR)
-    device: Any = _f(0, "Kept for EasyEdit compatibility; the engine uses the weights' device.", (int, str, type(None)))
+    device: Any = _f(None, "Where EasyEdit loads a model by name (an int means cuda:N there); the engine uses the weights' device.", (int, str, type(None)))
     layers: list = _f([4, 5, 6, 7, 8], "Critical layers, ascending, e.g. [4, 5, 6, 7, 8] or [4, 8].", (list,))
     layer_selection: str = _f("all", f"One of {LAYER_SELECTIONS}.", _STR)
     dynamic_window: int = _f(1, "layer_selection=dynamic: how far each boundary may move inward.", _INT)
@@ -269,6 +268,10 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
             raise BLUEConfigError(f"{path}: not valid YAML: {exc}") from exc
         if config is None:
             raise BLUEConfigError(f"{path}: the file is empty.")
+        corpus = config.get("mom2_dataset") if isinstance(config, dict) else None
+        if isinstance(corpus, str) and not Path(corpus).expanduser().is_absolute() and Path(corpus).exists():
+            # Pin a relative corpus path to the directory it was read from (EasyEdit changes directory).
+            config["mom2_dataset"] = str(Path(corpus).resolve())
         if isinstance(config, dict):
             missing = [k for k in REQUIRED_YAML_KEYS if k not in config]
             if missing:
