@@ -149,7 +149,9 @@ class SpeedConfig:
     plain_iters: int = 3
     plain_max_shapes: int = 8
     evaluate: bool = True
+    restart_workers: bool = True
     seed: int = 0
+    work_dir: Optional[str] = None  # set by run_speed: caches that outlive a worker process
 
     def validate(self) -> None:
         def pos(name: str, minimum: int = 1) -> None:
@@ -386,12 +388,15 @@ class _WorkerBase:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.work = Path(tempfile.mkdtemp(prefix=f"speed-{self.system}-"))
+        # statistics caches live in the run's folder, so a restarted worker finds them
+        self.cache = Path(cfg.work_dir or self.work) / self.system
+        self.cache.mkdir(parents=True, exist_ok=True)
         with Meter() as m:
             if model is None:
                 model, tok = load_model(cfg.model)
         self.load = m.result
         self.model, self.tok = model, tok
-        self.hp = base_hparams(cfg, str(self.work / "stats"))
+        self.hp = base_hparams(cfg, str(self.cache / "stats"))
         from blue_plugin.engine import Editor
 
         self.editor0 = Editor(model, tok, self.hp.replace(blue=False))
@@ -664,7 +669,7 @@ class EasyEditWorker(_WorkerBase):
             mom2_adjustment=hp.mom2_adjustment, mom2_update_weight=hp.mom2_update_weight, **names,
             mom2_dataset=_EE_CORPUS_NAME, mom2_n_samples=hp.mom2_n_samples, mom2_dtype=hp.mom2_dtype,
             alg_name=method, device="cpu" if next(self.model.parameters()).device.type == "cpu" else str(next(self.model.parameters()).device),
-            model_name=name, stats_dir=str(self.work / "ee-stats"), max_length=hp.max_length,
+            model_name=name, stats_dir=str(self.cache / "ee-stats"), max_length=hp.max_length,
             batch_size=self.cfg.batch_size,
         )
         if method == "MEMIT":
@@ -674,7 +679,7 @@ class EasyEditWorker(_WorkerBase):
         from easyeditor.models.alphaedit.AlphaEdit_hparams import AlphaEditHyperParams  # type: ignore
 
         return AlphaEditHyperParams(**common, nullspace_threshold=hp.nullspace_threshold, L2=hp.L2,
-                                    P_loc=str(self.work / "null_space_project.pt"))
+                                    P_loc=str(self.cache / "null_space_project.pt"))
 
     @contextlib.contextmanager
     def _ee_call(self):
@@ -921,14 +926,24 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike, command: Optional[str] =
         "versions": versions(),
         "targets": TARGETS,
     }
-    workers = start_workers(cfg, out)
-    try:
-        have_ee = "easyedit" in workers
-        result["workers"] = {s: w.info for s, w in workers.items()}
-        digests = {w.info["weights_digest"] for w in workers.values()}
+    work_dir = tempfile.mkdtemp(prefix="speed-run-")
+    cfg = dataclasses.replace(cfg, work_dir=work_dir)
+    workers: dict[str, Any] = {}
+
+    def start(label: str) -> dict[str, Any]:
+        ws = start_workers(cfg, out)
+        result[label] = {s: w.info for s, w in ws.items()}
+        digests = {w.info["weights_digest"] for w in ws.values()}
         result["same_weights"] = len(digests) == 1
         if len(digests) != 1:
-            raise WorkerError(f"the workers loaded different weights: {result['workers']}")
+            for w in ws.values():
+                w.close()
+            raise WorkerError(f"the workers loaded different weights: {result[label]}")
+        return ws
+
+    try:
+        workers = start("workers")
+        have_ee = "easyedit" in workers
         hp = base_hparams(cfg, None)
         n_samples = hp.mom2_n_samples
         result["hparams"] = {k: v for k, v in hp.to_dict().items() if k not in ("base_method", "blue", "stats_dir")}
@@ -947,6 +962,15 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike, command: Optional[str] =
                 logger.info("statistics (cold) %s, %d samples (curve)", s, count)
                 stats.append(workers[s].call("stats_cold", n_samples=count, into_cache=False))
         result["statistics"] = stats
+
+        if cfg.isolation == "process" and cfg.restart_workers:
+            # edit in fresh processes that find the statistics in the cache, as a user session
+            # does ("warm"): the heap left by the cold pass would otherwise count as editing memory
+            for w in workers.values():
+                w.close()
+            workers = {}
+            workers = start("workers_edit")
+        result["restarted_workers"] = cfg.isolation == "process" and cfg.restart_workers
 
         # caches of the first batch (statistics from disk, templates, projectors)
         prep = {"ours": workers["ours"].call("prepare")}
@@ -992,6 +1016,8 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike, command: Optional[str] =
     finally:
         for w in workers.values():
             w.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    result["config"]["work_dir"] = None
     result["load_average_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t_run
     result["summary"] = summarize(result)
@@ -1258,6 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process: each system in its own process (clean memory peaks); none: same process and model object")
     p.add_argument("--plain-iters", type=int, default=3, help="timed plain forward+backward calls per shape")
     p.add_argument("--no-eval", action="store_true", help="skip the efficacy evaluation")
+    p.add_argument("--no-restart", action="store_true",
+                   help="process isolation: keep the workers of the statistics phase for the edits (by default "
+                        "they are restarted, so editing memory is measured in processes with cached statistics)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     return p
@@ -1274,6 +1303,7 @@ def config_from_args(args: argparse.Namespace) -> SpeedConfig:
         steps=args.steps, overrides=parse_overrides(args.set), scaling=args.scaling,
         scaling_methods=args.scaling_methods, stats_curve=args.stats_curve, stats_reps=args.stats_reps,
         threads=args.threads, isolation=args.isolation, plain_iters=args.plain_iters, evaluate=not args.no_eval,
+        restart_workers=not args.no_restart,
         seed=args.seed,
     )
 

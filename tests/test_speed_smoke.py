@@ -175,6 +175,10 @@ def test_speed_cli_process_isolation(tiny_setup, tmp_path, monkeypatch, capsys):
     res = json.loads((tmp_path / "p" / "results.json").read_text())
     assert res["config"]["isolation"] == "process"
     assert res["workers"]["ours"]["pid"] != os.getpid()  # ran in a worker process
+    # edits ran in a fresh worker that found the statistics in the run's cache
+    assert res["restarted_workers"] is True
+    assert res["workers_edit"]["ours"]["pid"] != res["workers"]["ours"]["pid"]
+    assert res["prepare"]["ours"]["seconds"] < 60
     assert res["command"].endswith("--plain-iters 1") and "--isolation" not in res["command"]
     (run,) = res["runs"]
     assert run["method"] == "MEMIT_BLUE" and run["edit"]["rss_reset"] in (True, False)
