@@ -232,7 +232,7 @@ def run_analysis(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
             a_dist = A.residual_analysis(model, tok, hp, reqs, layers=dev_layers)
         else:
             a_dist = shared()
-        sizes = [b for b in parse_int_list(args.batch_sizes, "--batch-sizes") if b <= len(reqs)]
+        sizes = [b for b in parse_int_list(args.batch_sizes, "--batch-sizes") if b <= len(reqs)] or [len(reqs)]
         seq_n = min(len(ctx["seq_requests"]), args.seq_batches * args.seq_batch_size)
         return {"distance": A.residual_deviation(model, tok, hp, reqs, analysis=a_dist),
                 "batch_size": A.weight_deviation_vs_batch_size(model, tok, hp, reqs, sizes, analysis=shared()),
@@ -310,6 +310,7 @@ def make_plots(results: dict[str, Any], out: Path, label: str) -> dict[str, str]
                  "efficacy (%)")
             if s.get("efficacy_orig") is not None:
                 ax.axhline(100 * s["efficacy_orig"], color="gray", ls="--", lw=1, label="unedited")
+                ax.legend(fontsize=7)
             ax.set_title(f"(3) single-layer edit via {via}", fontsize=9)
         save(fig, "single_layer")
     if "steps" in r:
