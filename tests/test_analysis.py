@@ -502,7 +502,6 @@ def test_cli_writes_json_plots_and_resumes(tmp_path, monkeypatch):
     """benchmarks.analysis end to end on a tiny Llama saved as a model folder: every analysis,
     analysis.json + summary.md + one PNG each; a second run reuses the finished analyses."""
     import benchmarks.analysis as cli
-    from blue_plugin.data import load_cases
 
     data = cli.DEFAULT_DATA
     if not data.is_file():
