@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-
 from .hooks import frozen
 from .hparams import BLUEHyperParams
 
