@@ -319,13 +319,13 @@ def distributed_second_moments(
                     "computing second moments for %s over %d documents on %d process(es) (%d on rank 0)",
                     missing, len(texts), info.world_size, len(shard),
                 )
-            t0 = time.perf_counter()
-            local, tokens = _collectively(
-                info,
-                lambda: _local_sums(model, tok, missing, shard, max_length, batch_size, progress and info.is_main),
-                "accumulating statistics",
-            )
-            seconds = time.perf_counter() - t0
+
+            def accumulate():
+                t0 = time.perf_counter()  # this rank's own work, not the wait for the others
+                out = _local_sums(model, tok, missing, shard, max_length, batch_size, progress and info.is_main)
+                return out, time.perf_counter() - t0
+
+            (local, tokens), seconds = _collectively(info, accumulate, "accumulating statistics")
             mine = {"rank": info.rank, "docs": len(shard), "tokens": tokens, "seconds": seconds}
             if info.world_size > 1:
                 gathered: list = [None] * info.world_size

@@ -899,11 +899,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if info.is_main:
             tokens = sum(r["tokens"] for r in run.ranks)
             slowest = max((r["seconds"] for r in run.ranks), default=0.0)
-            logger.info(
-                "%d module(s) computed, %d cached; %d tokens on %d process(es), accumulation %.1fs "
-                "(slowest rank), %.0f tokens/s in total", len(run.computed), len(run.cached), tokens,
-                info.world_size, slowest, tokens / slowest if slowest else float("nan"),
-            )
+            logger.info("%d module(s) computed, %d found in the cache", len(run.computed), len(run.cached))
+            if run.computed:
+                logger.info(
+                    "%d tokens on %d process(es); accumulation %.1fs (slowest rank), %.0f tokens/s in total",
+                    tokens, info.world_size, slowest, tokens / slowest if slowest else float("nan"),
+                )
             for n in names:
                 logger.info("%s -> %s", n, run.paths[n])
             if args.report:

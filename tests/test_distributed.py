@@ -108,6 +108,28 @@ def _single_process(setup, batch_size: int, cache_dir: Path | None):
     return model, tok, raw
 
 
+def _cached_worker(rank: int, world: int, port: int, model_dir: str, corpus: str, cache_dir: str, out_dir: str):
+    """One gloo rank calling distributed_second_moments directly; saves what it got."""
+    import torch.distributed as dist
+
+    from blue_plugin.distributed import init_distributed
+    from blue_plugin.models import load_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        assert info.backend == "gloo" and info.world_size == world
+        model, tok = load_model(model_dir)
+        run = distributed_second_moments(model, tok, MODULES, corpus, 100, 32, cache_dir, batch_size=1,
+                                         progress=False)
+        torch.save({"cached": run.cached, "computed": run.computed, "moments": run.moments},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_shard_indices_cover_uneven_split():
     shards = [list(shard_indices(7, r, 2)) for r in range(2)]
     assert shards == [[0, 2, 4, 6], [1, 3, 5]]
@@ -168,6 +190,20 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     for name in MODULES:
         s, c = raw[name]
         assert torch.allclose(got[name], s / c, rtol=1e-10, atol=0)
+
+    # A second launch (torch.multiprocessing, library API) finds the files on rank 0, computes
+    # nothing, and every rank receives the cached statistics.
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path / "ranks"
+    out_dir.mkdir()
+    mp.spawn(_cached_worker, args=(2, _free_port(), str(setup["model_dir"]), str(setup["corpus"]),
+                                   str(stats_dir), str(out_dir)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(out_dir / f"rank{rank}.pt")
+        assert got["cached"] == MODULES and got["computed"] == []
+        for name in MODULES:
+            assert torch.equal(got["moments"][name], _read(Path(rep["paths"][name]))[0])
 
     # The single-process get_second_moments writes byte-compatible metadata for the compared keys.
     single_dir = tmp_path / "single"
