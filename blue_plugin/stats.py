@@ -439,6 +439,12 @@ def collect_second_moments(
             h.remove()
         model.train(was_training)
         state.clear()
+    bad = [name for name in names if not torch.isfinite(sums[name]).all()]
+    if bad:
+        raise ValueError(
+            f"the key statistics of {', '.join(bad)} are not finite: the model produces NaN/inf activations "
+            "(check its weights for NaN/inf); nothing was cached."
+        )
     return {name: (sums[name], counts[name]) for name in names}
 
 

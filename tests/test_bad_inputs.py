@@ -516,9 +516,6 @@ def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path
     assert any("format_version" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stats: get_second_moments writes (and returns) non-finite statistics for a model with NaN "
-    "weights; it should raise ValueError naming the module before writing the cache"))
 def test_statistics_of_a_nan_model_are_refused_not_cached(env, tmp_path):
     from blue_plugin.stats import get_second_moments
 
