@@ -146,19 +146,19 @@ def _strip(obj: Any) -> Any:
 
 
 def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: int) -> dict[str, Any]:
-    """Sequential CounterFact edits in batches with fixed boundary layers (``layers[0]``,
-    ``layers[-1]``) and with dynamically chosen ones, each from the unedited model and a scratch
-    state; efficacy / generalization / specificity of all cases at the end of each run."""
+    """Sequential CounterFact edits in batches of ``batch_size`` with BLUE's fixed boundary layers
+    (``layers[0]``, ``layers[-1]``) and with ``layer_selection: dynamic`` (the engine chooses them
+    per batch), each from the unedited model in a scratch state; efficacy / generalization /
+    specificity of all cases at the end of each run, and the layers the engine chose."""
     from blue_plugin.analysis import scratch_state, weights_restored
     from blue_plugin.engine import Editor
     from blue_plugin.metrics import counterfact_case_scores
-    from blue_plugin.requests import prepare_requests
-    from blue_plugin.selection import choose_boundary_layers, window_layers
+    from blue_plugin.selection import window_layers
     from blue_plugin.state import get_state
 
-    hp = hp.replace(blue=True, layer_selection="dynamic", dynamic_window=window)
-    fixed_hp = hp.replace(layer_selection="all")
-    touched = sorted(set(window_layers(hp)) | set(fixed_hp.edit_layers))
+    dyn_hp = hp.replace(blue=True, layer_selection="dynamic", dynamic_window=window, dynamic_criterion=criterion)
+    fixed_hp = dyn_hp.replace(layer_selection="all")
+    touched = sorted(set(window_layers(dyn_hp)) | set(fixed_hp.edit_layers))
     base = Editor(model, tok, fixed_hp)
     base.ensure_second_moments(touched)
     batches = [cases[s:s + batch_size] for s in range(0, len(cases), batch_size)]
@@ -169,25 +169,20 @@ def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: 
 
     out: dict[str, Any] = {"batch_size": batch_size, "criterion": criterion, "window": window, "n": len(cases),
                            "pre": summary(counterfact_case_scores(model, tok, cases))}
-    for mode in ("fixed", "dynamic"):
+    for mode, mode_hp in (("fixed", fixed_hp), ("dynamic", dyn_hp)):
         state = scratch_state(get_state(model))
-        chosen, details, t0 = [], [], time.perf_counter()
+        editor = Editor(model, tok, mode_hp, state)
+        t0 = time.perf_counter()
         with weights_restored(base, touched):
             for batch in batches:
-                reqs = [c.to_request() for c in batch]
-                if mode == "fixed":
-                    layers = fixed_hp.edit_layers
-                else:
-                    sel = Editor(model, tok, hp, state)
-                    d: dict = {}
-                    first, last = choose_boundary_layers(sel, prepare_requests(tok, reqs, hp), sel.prefixes(), criterion=criterion, details=d)
-                    layers = sorted({first, last})
-                    details.append(d)
-                Editor(model, tok, fixed_hp.replace(layers=list(layers)), state).apply(reqs)
-                chosen.append(list(layers))
+                editor.apply([c.to_request() for c in batch])
             scores = counterfact_case_scores(model, tok, cases)
-        out[mode] = {"summary": summary(scores), "layers_per_batch": chosen, "time_s": time.perf_counter() - t0,
-                     "selection": details, "scores": scores}
+        records = state.history[-len(batches):]
+        out[mode] = {"summary": summary(scores), "layers_per_batch": [list(r["layers"]) for r in records],
+                     "time_s": time.perf_counter() - t0, "edit_time_s": sum(r["time"]["total"] for r in records),
+                     "mean_steps": {str(l): float(np.mean([np.mean(r["steps"][l]) for r in records if l in r["steps"]]))
+                                    for l in sorted({l for r in records for l in r["steps"]})},
+                     "selection": [r.get("layer_selection") for r in records], "scores": scores}
         logger.info("dynamic comparison: %s -> %s", mode, out[mode]["summary"])
     return out
 

@@ -521,6 +521,12 @@ def test_cli_writes_json_plots_and_resumes(tmp_path, monkeypatch):
     assert set(res["results"]) == set(cli.ANALYSES) and res["config"]["smoke"] is True
     assert {p.name for p in out.glob("*.png")} == {f"{a}.png" for a in cli.ANALYSES}
     assert "SMOKE OUTPUT" in (out / "summary.md").read_text()
+    dyn = res["results"]["dynamic"]
+    n_batches = -(-dyn["n"] // 2)
+    assert dyn["fixed"]["layers_per_batch"] == [[0, 2]] * n_batches
+    assert len(dyn["dynamic"]["layers_per_batch"]) == n_batches
+    assert all(a in (0, 1) and b in (1, 2) and a < b for a, b in dyn["dynamic"]["layers_per_batch"])
+    assert all(sel["chosen"] == pair for sel, pair in zip(dyn["dynamic"]["selection"], dyn["dynamic"]["layers_per_batch"]))
     cos = res["results"]["cosine"]["original"]["mean"]
     assert cos["2"] == pytest.approx(1.0)
     calls = []
