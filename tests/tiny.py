@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -301,6 +301,3 @@ def restore(model, weights_copy: dict[str, torch.Tensor]) -> None:
 def all_requests(n: int = 3) -> list[dict]:
     return [dict(r) for r in REQUESTS[:n]]
 
-
-def iter_layers(hp: BLUEHyperParams) -> Iterable[int]:
-    return hp.edit_layers

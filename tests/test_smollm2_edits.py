@@ -1,0 +1,105 @@
+"""BLUE on the real embedded model: SmolLM2-135M-Instruct, 5 CounterFact edits in one batch,
+each base method with ``blue: true``.
+
+Checks per method: the new object beats the true one (mean-token NLL, as in the paper's
+Efficacy) on the edit prompts for at least 4 of 5 cases; ``weights_copy`` holds exactly the two
+boundary-layer matrices; restoring from it gives the original weights bit for bit; with
+``copy=True`` (MEMIT) the input model is not touched at all.
+
+Cost: these are the expensive tests of the suite (one batched target optimisation per boundary
+layer through all 30 layers). To keep them lean they use hparams/BLUE/smollm2-135m.yaml with
+``mom2_n_samples=200`` (statistics computed once per module into a temporary folder) and
+``v_num_grad_steps=10`` instead of 25: efficacy was 5/5 for every method at 10 steps
+(NLL(new) - NLL(true) between -1.7 and -15.6 nats), and BLUE's second boundary layer makes up
+for the first layer's unfinished targets.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from blue_plugin import BLUEHyperParams, apply_blue_to_model
+from blue_plugin.metrics import answer_nll
+from blue_plugin.state import EditState
+from tests.tiny import restore
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("BLUE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
+CORPUS = DATA / "corpus" / "wordnet-glosses.txt"
+HPARAMS = ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
+N_CASES = 5
+N_STEPS = 10
+METHODS = ["MEMIT", "RECT", "PRUNE", "AlphaEdit"]
+
+
+@pytest.fixture(scope="module")
+def edit_setup(smollm2, tmp_path_factory):
+    """Model, tokenizer, hyperparameters, requests, the original weights, the unedited
+    model's efficacy, and one EditState for the module (the fixture model's own state is left
+    alone; C0 and the context prefixes are computed once and reused by all methods)."""
+    if not COUNTERFACT.is_file() or not CORPUS.is_file():
+        pytest.skip(f"shared data not found under {DATA} (set BLUE_SHARED_DATA)")
+    model, tok = smollm2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    cases = json.loads(COUNTERFACT.read_text(encoding="utf-8"))[:N_CASES]
+    requests = [{k: c[k] for k in ("prompt", "subject", "target_new", "ground_truth", "case_id")} for c in cases]
+    hp = BLUEHyperParams.from_hparams(HPARAMS).replace(
+        blue=True, mom2_n_samples=200, mom2_dataset=str(CORPUS),
+        stats_dir=str(tmp_path_factory.mktemp("smollm2-stats")), v_num_grad_steps=N_STEPS,
+    )
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    baseline = _wins(model, tok, requests)
+    yield model, tok, hp, requests, original, baseline, EditState()
+    torch.set_num_threads(threads)
+
+
+def _wins(model, tok, requests) -> list[bool]:
+    """Per case: NLL(target_new | prompt) < NLL(ground_truth | prompt) (mean over tokens)."""
+    prompts = [r["prompt"] for r in requests]
+    new = answer_nll(model, tok, prompts, [r["target_new"] for r in requests])
+    true = answer_nll(model, tok, prompts, [r["ground_truth"] for r in requests])
+    return (new < true).tolist()
+
+
+def _same_weights(model, original) -> list[str]:
+    """Names of parameters that differ from ``original`` (empty: bit-identical)."""
+    return [n for n, p in model.named_parameters() if not torch.equal(p.detach(), original[n])]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_blue_edit_on_smollm2(edit_setup, method):
+    model, tok, hp, requests, original, baseline, state = edit_setup
+    assert _same_weights(model, original) == [], "an earlier test left the shared model edited"
+    use_copy = method == "MEMIT"  # one method exercises copy=True, the others restore in place
+    weights_copy: dict = {}
+    try:
+        edited, weights_copy = apply_blue_to_model(
+            model, tok, requests, hp.replace(base_method=method), copy=use_copy,
+            return_orig_weights=True, state=state,
+        )
+        wins = _wins(edited, tok, requests)
+        record = state.history[-1]
+        assert sum(wins) >= 4 and sum(wins) > sum(baseline), (
+            f"{method}: efficacy {wins} (before: {baseline}); steps {record['steps']}, nll {record['nll']}"
+        )
+        expected = {f"model.layers.{layer}.mlp.down_proj.weight" for layer in (hp.layers[0], hp.layers[-1])}
+        assert set(weights_copy) == expected
+        for name, w in weights_copy.items():
+            assert torch.equal(w, original[name])
+        if use_copy:
+            assert edited is not model
+            assert _same_weights(model, original) == []  # the input model is untouched
+            assert sorted(_same_weights(edited, original)) == sorted(expected)
+        else:
+            assert edited is model
+            assert sorted(_same_weights(model, original)) == sorted(expected)
+    finally:
+        if not use_copy:
+            restore(model, weights_copy)
+    assert _same_weights(model, original) == []  # restored bit for bit
