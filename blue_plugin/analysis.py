@@ -47,7 +47,7 @@ from .engine import Editor
 from .hooks import add_delta, frozen
 from .hparams import BLUEHyperParams
 from .keys import keys_and_outputs
-from .requests import EditRequest, Row, encode_target, key_rows, pad_rows, prepare_requests, target_rows
+from .requests import EditRequest, Row, encode_target, key_rows, pad_rows, pad_token_id, prepare_requests, target_rows
 from .rules import LayerInputs
 from .state import EditState
 from .targets import TargetResult, compute_targets, head_logits, input_device, last_hidden
@@ -177,7 +177,7 @@ def _row_logprobs(editor: Editor, rows: Sequence[Row], block: Optional[str], del
     With ``block``, ``deltas[k]`` (d_model) is added to that block's output at row k's lookup."""
     model, tok = editor.model, editor.tok
     device = input_device(model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     out = []
     for start in range(0, len(rows), max_rows):
         chunk = rows[start:start + max_rows]

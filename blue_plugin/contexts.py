@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from .requests import pad_token_id
+
 logger = logging.getLogger(__name__)
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -49,7 +51,7 @@ def generate_prefixes(model, tok, length_params: Sequence[Sequence[int]], seed: 
     ``n_tokens`` tokens (top-k 5 sampling from the starters), each ending in ``". "``."""
     prefixes = [""]
     device = next(model.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for n_tokens, n_prefixes in length_params:

@@ -8,7 +8,7 @@ import torch
 
 from .arch import ModelLayout
 from .hooks import capture, run_until
-from .requests import Row, pad_rows
+from .requests import Row, pad_rows, pad_token_id
 from .targets import input_device
 
 
@@ -31,7 +31,7 @@ def keys_and_outputs(
     its own module (layers may sit on different devices with an accelerate ``device_map``).
     """
     device = input_device(model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     batch = pad_rows(rows, pad_id, device)
     idx = torch.arange(len(rows), device=device)
     pos = torch.tensor([r.lookup for r in rows], device=device)

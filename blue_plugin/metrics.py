@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .data import EditCase
+from .requests import encode_target, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 
 
 def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` (with default special tokens) and of ``" " + target`` (without).
+    """Token ids of ``prompt`` (with default special tokens) and of the target as the engine encodes
+    it (:func:`blue_plugin.requests.encode_target`: ``" " + target.strip()``, no special tokens).
 
     The model is scored on ``prompt_ids + target_ids``; the editing engine uses the same split.
 
@@ -64,7 +66,7 @@ def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int],
     if not target.strip():
         raise ValueError(f"empty answer for prompt {prompt!r}; every answer needs at least one token")
     prompt_ids = list(tok(prompt)["input_ids"])
-    target_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
+    target_ids = list(encode_target(tok, target))
     if not prompt_ids:
         raise ValueError(
             f"prompt {prompt!r} tokenises to no tokens and the tokenizer adds no BOS; give a non-empty prompt"
@@ -78,12 +80,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tok: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 @contextlib.contextmanager
@@ -130,7 +126,7 @@ def _teacher_forced(
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     results: list[Any] = [None] * len(encoded)
     device = _device(model)
-    pad = _pad_id(tok)
+    pad = pad_token_id(tok)
     keep_ok = _accepts_logits_to_keep(model)
     with _inference(model):
         for start in range(0, len(order), batch_size):
@@ -330,7 +326,7 @@ def generate_greedy(
         if not ids:
             raise ValueError(f"prompt {p!r} tokenises to no tokens; give a non-empty prompt")
         encoded.append(ids)
-    pad = _pad_id(tok)
+    pad = pad_token_id(tok)
     eos = _eos_ids(model, tok)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

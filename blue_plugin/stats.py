@@ -33,6 +33,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .requests import pad_token_id
+
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning or layout of a cache file changes; older files are recomputed.
@@ -298,12 +300,6 @@ def _tokenize(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
     return out
 
 
-def _pad_id(tok) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def collect_second_moments(
@@ -357,7 +353,7 @@ def collect_second_moments(
     if not ids:
         raise ValueError("no text produced any token; check the corpus and the tokenizer")
     ids.sort(key=len, reverse=True)  # longest first: least padding, memory peak shows early
-    pad_id = _pad_id(tok)
+    pad_id = pad_token_id(tok)
     device = _input_device(model)
 
     sums: dict[str, torch.Tensor] = {}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .hooks import add_delta, capture, replay_blocks, run_until
 from .hparams import BLUEHyperParams
-from .requests import Row, pad_rows
+from .requests import Row, pad_rows, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def compute_targets(
     in every optimisation step, which gives the same numbers for less compute.
     """
     device = input_device(model)  # with device_map, blocks may sit elsewhere; see last_hidden
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     n_rw = n_requests * n_prefixes
     rw_rows, kl_rows = rows[:n_rw], rows[n_rw:]
     if len(kl_rows) != n_requests:
