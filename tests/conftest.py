@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +26,13 @@ def smollm2():
     except ImportError as exc:
         pytest.skip(f"embedded SmolLM2 model unavailable: {exc}")
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread (tiny tensors: thread start-up dominates, and on a shared
+    2-core machine two OpenMP threads thrash). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

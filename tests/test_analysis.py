@@ -21,15 +21,8 @@ from blue_plugin.metrics import answer_nll
 from blue_plugin.requests import prepare_requests
 from tests.tiny import ARCHS, PREFIXES, all_requests, full_prompt, inject_prefixes, make_hparams, make_model, weights
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup(arch: str = "llama", **hp):

@@ -15,15 +15,8 @@ from blue_plugin.requests import prepare_requests
 from tests.test_analysis import hand_add, hand_h, hand_keys, hand_memit, spy_targets
 from tests.tiny import all_requests, changed_params, inject_prefixes, make_hparams, make_model, weights
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _editor(layers, window, n_layers=4, **kw):

@@ -29,13 +29,7 @@ CORPUS = DATA / "corpus" / "wordnet-glosses.txt"
 needs_data = pytest.mark.skipif(not (CF.is_file() and ZSRE.is_file() and CORPUS.is_file()),
                                 reason="../shared/data is not available")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- unit

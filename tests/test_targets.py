@@ -10,13 +10,7 @@ from blue_plugin.requests import prepare_requests, target_rows
 from blue_plugin.targets import RowAdam, compute_targets
 from tests.tiny import PREFIXES, all_requests, make_hparams, make_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- RowAdam -----------------------------------------------------------------------------------
