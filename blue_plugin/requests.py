@@ -143,13 +143,20 @@ def encode_prompt(tok, prefix: str, request: EditRequest, fact_token: str) -> tu
     if not inside:
         raise BLUERequestError(f"request {request.index} (case_id={request.case_id!r}): subject {request.subject!r} maps to no token.")
     last, first = inside[-1], inside[0]
-    if offsets[last][1] != s_end:
+    if offsets[last][1] != s_end and _cuts_a_word(text, s_end):
+        # A token that only runs on into punctuation (")?" after "... (APA-56)") is still the
+        # subject's last token, as in EasyEdit, which tokenises prompt-up-to-subject alone.
         raise BLUERequestError(
             f"request {request.index} (case_id={request.case_id!r}): subject {request.subject!r} does not end on a token "
             f"boundary inside the prompt (its last token {text[offsets[last][0]:offsets[last][1]]!r} runs on); "
             "give the whole word as the subject."
         )
     return ids, (last if fact_token == "subject_last" else first)
+
+
+def _cuts_a_word(text: str, pos: int) -> bool:
+    """Whether position ``pos`` of ``text`` falls inside a word (letters or digits on both sides)."""
+    return 0 < pos < len(text) and text[pos - 1].isalnum() and text[pos].isalnum()
 
 
 def target_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], fact_token: str) -> list[Row]:

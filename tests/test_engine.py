@@ -394,6 +394,9 @@ def test_prune_restrains_the_accumulated_change(arch, monkeypatch):
         s_raw = torch.linalg.svdvals(raw - W0)
         assert float(s_new[0]) < float(s_raw[0])
         assert float(s_new[0]) <= sigma_max + math.log(float(s_raw[0]) / sigma_max) + 1e-4
+        cs = get_state(model).history[-1]["change_sigma"][1]  # recorded before the restraint
+        assert cs["max_over_sigma_max"] == pytest.approx(float(s_raw[0]) / sigma_max, rel=1e-6)
+        assert cs["above"] == int((s_raw > sigma_max).sum()) >= 1
     assert torch.allclose(get_state(model).layers[1].W_orig, W0)
     assert layout.weight_name(1) == name
 
