@@ -197,3 +197,30 @@ def test_speed_bad_data_is_reported(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="holds only 3 records"):
         speed.run_speed(cfg, tmp_path / "e")
     assert not (tmp_path / "e" / "results.json").exists()
+
+
+def test_peak_rss_one_process_per_configuration(tiny_setup, tmp_path):
+    """benchmarks.peak_rss: each (method, chunk) runs in its own process and reports a peak at
+    least as large as the model-loaded RSS, the steps of the edited layers and a table row."""
+    from benchmarks import peak_rss
+
+    root = tiny_setup
+    res = peak_rss.run(["MEMIT", "AlphaEdit_BLUE"], [16, 64], 2, tmp_path / "out", model=str(root / "model"),
+                       hparams=str(root / "tiny.yaml"), data=str(root / "cf.json"), threads=1,
+                       overrides={"v_num_grad_steps": 2})
+    runs = res["runs"]
+    assert [(r["method"], r["chunk_tokens"]) for r in runs] == [("MEMIT", 16), ("MEMIT", 64), ("AlphaEdit_BLUE", 16), ("AlphaEdit_BLUE", 64)]
+    for r in runs:
+        assert r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0
+        assert r["edit_s"] > 0 and r["batch_size"] == 2
+    assert sorted(runs[0]["steps"]) == ["3"] and sorted(runs[2]["steps"]) == ["1", "3"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("| AlphaEdit_BLUE |") == 2 and json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == runs
+
+
+@pytest.mark.parametrize("bad", ["MEMITX", "ROME_BLUE"])
+def test_peak_rss_rejects_unknown_methods(bad, tmp_path):
+    from benchmarks import peak_rss
+
+    with pytest.raises(ValueError, match="unknown method"):
+        peak_rss.run([bad], [16], 1, tmp_path, model="x", hparams="x", data="x", threads=1, overrides={})
