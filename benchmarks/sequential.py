@@ -267,8 +267,9 @@ def _snapshot(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
 
 
-def prepare_statistics(editor, hp, measure_cold: bool = False) -> dict[str, Any]:
-    """Load C0 for all critical layers into the editor's state and time it.
+def prepare_statistics(editor, hp, measure_cold: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Load C0 for all critical layers into the editor's state and time it (``progress``: a bar
+    while a pass over the corpus runs).
 
     Returns:
         ``first_call_s`` (the run's first load: ``source`` = "memory" when the model's state
@@ -289,7 +290,7 @@ def prepare_statistics(editor, hp, measure_cold: bool = False) -> dict[str, Any]
     info["cache_dir"] = str(cache_dir)
     before = _snapshot(cache_dir)
     t0 = time.perf_counter()
-    editor.ensure_second_moments(layers)
+    editor.ensure_second_moments(layers, progress=progress)
     info["first_call_s"] = time.perf_counter() - t0
     if not hp.mom2_adjustment:
         info.update(source="identity", cached_s=None, cold_s=None)
@@ -702,7 +703,7 @@ def run_benchmark(
     try:
         # --- statistics (on the unedited model) -------------------------------------------
         reset_peak_rss()
-        stats_info = prepare_statistics(editor0, base_hp, measure_cold_stats)
+        stats_info = prepare_statistics(editor0, base_hp, measure_cold_stats, progress)
         stats_info["peak_rss_mib"] = peak_rss_mib()
         stats_file = prog_dir / "statistics.json"  # the first invocation's timing is the one to report
         if stats_file.is_file():

@@ -79,8 +79,9 @@ class Editor:
         hp = self.hp
         return (layer, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_adjustment)
 
-    def ensure_second_moments(self, layers: Sequence[int]) -> None:
-        """Load (or compute, in one pass) C0 for ``layers`` into the state."""
+    def ensure_second_moments(self, layers: Sequence[int], progress: bool = True) -> None:
+        """Load (or compute, in one pass, with a progress bar unless ``progress=False``) C0 for
+        ``layers`` into the state."""
         missing = [l for l in layers if self._c0_key(l) not in self.state.second_moments]
         if not missing:
             return
@@ -106,6 +107,7 @@ class Editor:
             max_length=self.hp.mom2_max_length,
             cache_dir=cache_dir,
             model_id=str(model_id),
+            progress=progress,
         )
         for l, name in names.items():
             C0 = moments[name].to(device=self.weight(l).device, dtype=self.solve_dtype)
