@@ -338,7 +338,7 @@ def distributed_second_moments(
             if empty:
                 raise ValueError(f"no corpus token reached {empty}; check the corpus and the tokenizer")
             for n in missing:
-                mean = sums[n] / counts[n]
+                mean = stats._mean(n, sums[n], counts[n])
                 result.moments[n] = mean.to(devices[n])
                 result.count[n] = counts[n]
 

@@ -693,6 +693,16 @@ def acquire_cache_lock(cache_dir: Path, meta: dict[str, str]):
     return lock
 
 
+def _mean(name: str, total: torch.Tensor, count: int) -> torch.Tensor:
+    """``total / count``, warning when fewer tokens than dimensions make the result singular."""
+    if count < total.shape[0]:
+        logger.warning(
+            "second moment of %s comes from %d tokens, fewer than its dimension %d: it is singular, and "
+            "MEMIT-style solves may fail or give huge updates; raise mom2_n_samples (or mom2_max_length)",
+            name, count, total.shape[0])
+    return total / count
+
+
 def get_second_moments(
     model: nn.Module,
     tok,
@@ -741,7 +751,7 @@ def get_second_moments(
         if texts is None:
             texts = read_corpus(corpus, n_samples)
         raw = collect_second_moments(model, tok, names, texts, max_length, batch_size, progress)
-        return {n: (s / c).to(devices[n]) for n, (s, c) in raw.items()}
+        return {n: _mean(n, s, c).to(devices[n]) for n, (s, c) in raw.items()}
 
     cache_dir = Path(os.path.expanduser(os.fspath(cache_dir)))
     try:
@@ -780,7 +790,7 @@ def get_second_moments(
                 raw = collect_second_moments(model, tok, missing, texts, max_length, batch_size, progress)
                 for n in missing:
                     s, c = raw[n]
-                    mean = s / c
+                    mean = _mean(n, s, c)
                     meta = written_metadata(metas[n], modules[n], c, len(texts))
                     try:
                         save_moment(paths[n], mean, meta)

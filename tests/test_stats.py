@@ -261,6 +261,19 @@ def test_no_cache_dir(llama, tok, corpus_file):
     assert torch.equal(a[NAMES[0]], b[NAMES[0]])
 
 
+def test_warns_when_fewer_tokens_than_dimension(llama, tok, corpus_file, caplog):
+    """C0 from fewer tokens than the key dimension (64 here) is singular: say so, with the fix."""
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+        _get(llama, tok, corpus_file, None, n=2, names=NAMES[:1])
+    msgs = [r.getMessage() for r in caplog.records if "fewer than its dimension 64" in r.getMessage()]
+    assert len(msgs) == 1 and "raise mom2_n_samples" in msgs[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+        out = _get(llama, tok, corpus_file, None, n=20, names=NAMES[:1])
+    assert not [r for r in caplog.records if "fewer than its dimension" in r.getMessage()]
+    assert torch.linalg.matrix_rank(out[NAMES[0]]) == 64
+
+
 def test_truncated_file_recomputed_with_warning(llama, tok, corpus_file, tmp_path, caplog):
     cache = tmp_path / "cache"
     first = _get(llama, tok, corpus_file, cache)
