@@ -833,6 +833,7 @@ def run_benchmark(
                   "current_rss_mib": current_rss_mib(),
                   "invocation_wall_s": time.perf_counter() - t_run},
     }
+    result["blue_vs_base"] = blue_vs_base(result)
     paths["results"] = str(write_json(out / RESULTS_FILE, result))
     table = render_table(result)
     (out / "table.md").write_text(table, encoding="utf-8")
@@ -865,6 +866,40 @@ def _fmt_s(x: Any) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[str, dict[str, Any]]]:
+    """For every method X run together with X_BLUE: per metric, the mean over cases of the
+    per-case difference (X_BLUE - X) with a 95% percentile bootstrap interval (cases resampled
+    together, seeded with the run's seed), and how many cases entered (both scored).
+
+    Returns ``{X: {metric: {"mean", "ci_low", "ci_high", "n"}}}`` (fractions; fluency in bits).
+    """
+    from blue_plugin.metrics import bootstrap_ci
+
+    methods = result["methods"]
+    seed = int(result.get("config", {}).get("seed", 0))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for base in methods:
+        if base.endswith("_BLUE") or f"{base}_BLUE" not in methods:
+            continue
+        a = {s["case_id"]: s for s in methods[base]["scores"]}
+        b = {s["case_id"]: s for s in methods[f"{base}_BLUE"]["scores"]}
+        per: dict[str, dict[str, Any]] = {}
+        for key in METRIC_LABELS:
+            d = [float(b[c][key]) - float(a[c][key]) for c in a
+                 if c in b and a[c].get(key) is not None and b[c].get(key) is not None]
+            if d:
+                mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+                per[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(d)}
+        out[base] = per
+    return out
+
+
+def _diff_cell(s: Optional[dict[str, Any]]) -> str:
+    if not s:
+        return "n/a"
+    return f"{100 * s['mean']:+.1f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}]"
+
+
 def render_table(result: dict[str, Any]) -> str:
     """Markdown: a header, the metrics table (methods as rows, "pre" first, x100 with 95% CIs) and
     a cost table."""
@@ -882,6 +917,13 @@ def render_table(result: dict[str, Any]) -> str:
     ]
     for name, m in result["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(m["summary"].get(k)) for k in keys) + " |")
+    diffs = blue_vs_base(result)
+    if diffs:
+        lines += ["", "BLUE minus its base method, paired over the same cases: mean x100 with 95% bootstrap CI "
+                  "(an interval that excludes 0 is a difference these cases resolve).", "",
+                  "| Base | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for base, d in diffs.items():
+            lines.append(f"| {base}_BLUE - {base} | " + " | ".join(_diff_cell(d.get(k)) for k in keys) + " |")
     st = result["costs"]["statistics"]
     lines += [
         "",

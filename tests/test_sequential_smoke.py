@@ -85,6 +85,25 @@ def _raw(result):
             for name, m in result["methods"].items()}
 
 
+def test_blue_vs_base_pairs_cases_and_skips_unpaired_methods():
+    """Differences are per case (X_BLUE - X) on the cases both scored, averaged; a method without
+    its BLUE twin (RECT here) gets no row; the table shows the rows x100 with signs."""
+    def scores(vals):
+        return [{"case_id": i, "efficacy": e, "specificity": s, "fluency": None} for i, (e, s) in enumerate(vals)]
+
+    result = {"config": {"seed": 0, "format": "counterfact", "data": "cf.json", "model": "m", "n": 3, "batch_size": 1},
+              "methods": {"MEMIT": {"scores": scores([(0.0, 1.0), (1.0, 1.0), (0.0, 0.5)])},
+                          "MEMIT_BLUE": {"scores": scores([(1.0, 1.0), (1.0, 0.0), (1.0, 0.5)])},
+                          "RECT": {"scores": scores([(1.0, 1.0)] * 3)}}}
+    d = seq.blue_vs_base(result)
+    assert list(d) == ["MEMIT"]
+    assert d["MEMIT"]["efficacy"]["mean"] == pytest.approx(2 / 3) and d["MEMIT"]["efficacy"]["n"] == 3
+    assert d["MEMIT"]["specificity"]["mean"] == pytest.approx(-1 / 3)
+    assert d["MEMIT"]["specificity"]["ci_low"] <= -1 / 3 <= d["MEMIT"]["specificity"]["ci_high"]
+    assert "fluency" not in d["MEMIT"]  # no paired values
+    assert seq._diff_cell(d["MEMIT"]["efficacy"]).startswith("+66.7 [")
+
+
 @needs_data
 @pytest.mark.parametrize("checkpoints", ["local", "session"])
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_setup, tmp_path, checkpoints):
