@@ -264,11 +264,9 @@ class Editor:
                     f"layer {layer}: the {self.hp.base_method} update is not finite (check mom2_update_weight / L2 "
                     "and the statistics); nothing was changed."
                 )
-            if W_orig is not None:  # how far the accumulated change is from PRUNE's bound
-                sv = torch.linalg.svdvals(W + delta - W_orig)
-                record.setdefault("change_sigma", {})[layer] = {
-                    "max_over_sigma_max": float(sv[0] / sigma_max), "above": int((sv > sigma_max).sum())}
-            W_new = self.rule.finalize(W + delta, x, self.hp)
+            W_new, info = self.rule.finalize_with_info(W + delta, x, self.hp)
+            if info is not None:  # PRUNE: the accumulated change against its bound
+                record.setdefault("change_sigma", {})[layer] = info
         except torch.linalg.LinAlgError as exc:
             raise BLUEEditError(f"layer {layer}: the {self.hp.base_method} solve failed ({exc}); nothing was changed.") from exc
         if W_new.shape != W.shape:

@@ -80,8 +80,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-
-
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module) -> Iterator[None]:
     """``torch.no_grad`` + eval mode, restoring the model's training flag afterwards."""

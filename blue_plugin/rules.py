@@ -57,12 +57,21 @@ def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float) ->
 def prune_restrain(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> torch.Tensor:
     """Restrain the singular values of the accumulated change W_new - W_orig that exceed
     ``sigma_max`` (the largest singular value of W_orig)."""
+    return _prune(W_new, W_orig, sigma_max)[0]
+
+
+def _prune(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, dict]:
+    """:func:`prune_restrain` plus, from the same SVD, how the accumulated change compares with
+    the bound: ``max_over_sigma_max`` (its largest singular value / sigma_max) and ``above``
+    (how many singular values were restrained)."""
     D = W_new - W_orig
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
-    if not bool((S > sigma_max).any()):
-        return W_new
-    S2 = torch.where(S > sigma_max, torch.log(S) - torch.log(torch.as_tensor(sigma_max, dtype=S.dtype)) + sigma_max, S)
-    return W_orig + (U * S2) @ Vh
+    above = S > sigma_max
+    info = {"max_over_sigma_max": float(S[0] / sigma_max), "above": int(above.sum())}
+    if not bool(above.any()):
+        return W_new, info
+    S2 = torch.where(above, torch.log(S) - torch.log(torch.as_tensor(sigma_max, dtype=S.dtype)) + sigma_max, S)
+    return W_orig + (U * S2) @ Vh, info
 
 
 @dataclass
@@ -91,7 +100,11 @@ class UpdateRule:
         raise NotImplementedError
 
     def finalize(self, W_new: torch.Tensor, x: LayerInputs, hp: BLUEHyperParams) -> torch.Tensor:
-        return W_new
+        return self.finalize_with_info(W_new, x, hp)[0]
+
+    def finalize_with_info(self, W_new: torch.Tensor, x: LayerInputs, hp: BLUEHyperParams) -> tuple[torch.Tensor, Optional[dict]]:
+        """``finalize`` plus what the rule wants recorded in the batch's history (or None)."""
+        return W_new, None
 
     def uses_kpkp(self, hp: BLUEHyperParams) -> bool:
         return self.always_accumulates or hp.accumulate_keys
@@ -115,8 +128,8 @@ class PruneRule(MemitRule):
     name = "PRUNE"
     needs_original = True
 
-    def finalize(self, W_new, x, hp):
-        return prune_restrain(W_new, x.W_orig, x.sigma_max)
+    def finalize_with_info(self, W_new, x, hp):
+        return _prune(W_new, x.W_orig, x.sigma_max)
 
 
 class AlphaEditRule(UpdateRule):

@@ -300,8 +300,6 @@ def _tokenize(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
     return out
 
 
-
-
 def collect_second_moments(
     model: nn.Module,
     tok,
