@@ -43,15 +43,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
-from benchmarks.common import REPO_ROOT, machine_info, read_json, versions, write_json
+from benchmarks.common import DEFAULT_CF_DATA as DEFAULT_DATA
+from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, REPO_ROOT, machine_info, read_json, versions, write_json
 
 logger = logging.getLogger("benchmarks.analysis")
 
 ANALYSES = ("contribution", "cosine", "single_layer", "steps", "deviation", "tracing", "dynamic")
 DEFAULT_WHAT = ANALYSES[:-1]
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 RESULTS_FILE = "analysis.json"
 SCHEMA_VERSION = 1
 

@@ -21,6 +21,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The embedded model, its configuration and the CounterFact file the benchmarks use by default.
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
+DEFAULT_CF_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from blue_plugin import BLUEHyperParams, apply_blue_to_model, get_state, load_model  # noqa: E402
 from blue_plugin.data import load_cases  # noqa: E402
 from blue_plugin.metrics import answer_nll  # noqa: E402
+from benchmarks.common import DEFAULT_CF_DATA as DEFAULT_DATA  # noqa: E402
 
 logger = logging.getLogger("benchmarks.demo")
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 
 
 @torch.no_grad()

@@ -35,21 +35,11 @@ from typing import Any, Optional, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, machine_info, versions, write_json
+from benchmarks.common import DEFAULT_CF_DATA, DEFAULT_HPARAMS, DEFAULT_MODEL, REPO_ROOT, machine_info, versions, write_json
+from benchmarks.sequential import method_hparams, parse_methods
 
 logger = logging.getLogger("benchmarks.peak_rss")
 
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
-DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
-METHOD_BASES = ("MEMIT", "RECT", "PRUNE", "AlphaEdit")
-
-
-def parse_method(name: str) -> tuple[str, bool]:
-    """``"AlphaEdit_BLUE"`` -> ``("AlphaEdit", True)``; ``"MEMIT"`` -> ``("MEMIT", False)``."""
-    base, blue = (name[:-5], True) if name.endswith("_BLUE") else (name, False)
-    if base not in METHOD_BASES:
-        raise ValueError(f"unknown method {name!r}; use one of {', '.join(METHOD_BASES)}, optionally with _BLUE")
-    return base, blue
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -65,9 +55,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tok = load_model(spec["model"])
     after_load = current_rss_mib()
-    base, blue = parse_method(spec["method"])
-    hp = BLUEHyperParams.from_hparams(spec["hparams"]).replace(
-        base_method=base, blue=blue, v_max_batch_tokens=int(spec["chunk_tokens"]), **spec.get("overrides", {}))
+    hp = method_hparams(BLUEHyperParams.from_hparams(spec["hparams"]), spec["method"]).replace(
+        v_max_batch_tokens=int(spec["chunk_tokens"]), **spec.get("overrides", {}))
     _, cases = load_cases(spec["data"], int(spec["batch_size"]))
     t1 = time.perf_counter()
     apply_blue_to_model(model, tok, [c.to_request() for c in cases], hp)
@@ -84,8 +73,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def run(methods: Sequence[str], chunk_tokens: Sequence[int], batch_size: int, out: Path, *, model: str,
         hparams: str, data: str, threads: Optional[int], overrides: dict[str, Any]) -> dict[str, Any]:
     """Every (method, chunk) pair in its own subprocess, one after the other; JSON + markdown in ``out``."""
-    for m in methods:
-        parse_method(m)
+    methods = parse_methods(methods)
     rows = []
     load = {"start": os.getloadavg()}
     for m in methods:
@@ -131,9 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--methods", default="MEMIT,AlphaEdit_BLUE", help="comma-separated, e.g. MEMIT,AlphaEdit_BLUE")
     p.add_argument("--chunk-tokens", default="256,1024", help="v_max_batch_tokens values to compare")
     p.add_argument("--batch-size", type=int, default=10, help="requests in the one edit (default 10)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--hparams", default=str(DEFAULT_HPARAMS))
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=str(DEFAULT_CF_DATA))
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child")
     p.add_argument("--steps", type=int, default=None, help="override v_num_grad_steps (memory peaks in the first step)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
@@ -153,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not chunks or min(chunks) < 1 or args.batch_size < 1:
         p.error("--chunk-tokens values and --batch-size must be >= 1")
     try:
-        result = run([m.strip() for m in args.methods.split(",") if m.strip()], chunks, args.batch_size, Path(args.out),
+        result = run(args.methods, chunks, args.batch_size, Path(args.out),
                      model=args.model, hparams=args.hparams, data=args.data, threads=args.threads, overrides=overrides)
     except ValueError as exc:
         p.error(str(exc))

@@ -56,6 +56,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    DEFAULT_HPARAMS,
+    DEFAULT_MODEL,
     REPO_ROOT,
     jsonable,
     cuda_peak_mib,
@@ -81,8 +83,6 @@ METHODS: dict[str, tuple[str, bool]] = {
     "AlphaEdit": ("AlphaEdit", False),
     "AlphaEdit_BLUE": ("AlphaEdit", True),
 }
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
 CF_FORMATS = ("counterfact", "counterfact_rome", "counterfact_templates")
 METRIC_LABELS = {
     "efficacy": "Efficacy",
