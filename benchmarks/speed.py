@@ -142,6 +142,7 @@ class SpeedConfig:
     overrides: dict = field(default_factory=dict)
     scaling: list = field(default_factory=list)
     scaling_methods: list = field(default_factory=lambda: ["MEMIT", "AlphaEdit_BLUE"])
+    scaling_systems: list = field(default_factory=lambda: ["ours", "easyedit"])
     stats_curve: list = field(default_factory=list)
     stats_reps: int = 1
     threads: Optional[int] = None
@@ -173,6 +174,9 @@ class SpeedConfig:
         bad = [m for m in self.scaling_methods if m not in OUR_METHODS]
         if bad:
             raise ValueError(f"scaling_methods must be names of {list(OUR_METHODS)}, got {self.scaling_methods!r}")
+        if not self.scaling_systems or any(s not in ("ours", "easyedit") for s in self.scaling_systems):
+            raise ValueError(f"scaling_systems must be a non-empty subset of ['ours', 'easyedit'], "
+                             f"got {self.scaling_systems!r}")
         for name in ("scaling", "stats_curve"):
             vals = getattr(self, name)
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
@@ -1003,9 +1007,9 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike, command: Optional[str] =
         scaling: list[dict[str, Any]] = []
         for B in cfg.scaling:
             for m in cfg.scaling_methods:
-                pair = [("ours", m)]
+                pair = [("ours", m)] if "ours" in cfg.scaling_systems else []
                 base = OUR_METHODS[m][0]
-                if have_ee and base in cfg.ee_methods:
+                if have_ee and base in cfg.ee_methods and "easyedit" in cfg.scaling_systems:
                     pair.append(("easyedit", base))
                 for system, method in (pair if B % 2 else pair[::-1]):
                     logger.info("scaling B=%d: %s %s", B, system, method)
@@ -1277,6 +1281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", type=_int_list, default=[], help="batch sizes for the cost-growth sweep, e.g. 1,5,10,20,50")
     p.add_argument("--scaling-methods", type=_name_list, default=["MEMIT", "AlphaEdit_BLUE"],
                    help="our methods in the sweep (EasyEdit's method of the same base runs beside each)")
+    p.add_argument("--scaling-systems", type=_name_list, default=["ours", "easyedit"],
+                   help="systems in the sweep: ours, easyedit or both (to split a long sweep over two runs; "
+                        "merge them with --combine)")
     p.add_argument("--stats-curve", type=_int_list, default=[], help="extra sample counts for statistics time vs samples")
     p.add_argument("--stats-reps", type=int, default=1, help="repetitions of the cold statistics at the main count")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
@@ -1301,7 +1308,7 @@ def config_from_args(args: argparse.Namespace) -> SpeedConfig:
         batch_size=args.batch_size, reps=args.reps, methods=args.methods, ee_methods=args.ee_methods,
         easyedit_root=root, ee_python=args.ee_python, mom2_n_samples=args.mom2_n_samples, corpus=args.corpus,
         steps=args.steps, overrides=parse_overrides(args.set), scaling=args.scaling,
-        scaling_methods=args.scaling_methods, stats_curve=args.stats_curve, stats_reps=args.stats_reps,
+        scaling_methods=args.scaling_methods, scaling_systems=args.scaling_systems, stats_curve=args.stats_curve, stats_reps=args.stats_reps,
         threads=args.threads, isolation=args.isolation, plain_iters=args.plain_iters, evaluate=not args.no_eval,
         restart_workers=not args.no_restart,
         seed=args.seed,

@@ -147,6 +147,11 @@ def _split(name: str) -> tuple[str, int]:
     return parent, int(index)
 
 
+def block_index(name: str) -> int:
+    """Layer index of a block name such as ``"model.layers.4"``."""
+    return _split(name)[1]
+
+
 @contextmanager
 def replay_blocks(model: nn.Module, lower_blocks: Sequence[str], block_name: str, output) -> Iterator[None]:
     """Run the model with blocks ``lower_blocks`` skipped and block ``block_name`` replaced by a

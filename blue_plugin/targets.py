@@ -11,9 +11,19 @@ Per-request loss (as in ROME/MEMIT): mean over context prefixes of the mean targ
 + ``kl_factor`` * KL(p_now || p_start) on ``"{subject} is a"`` at the edited token
 + ``v_weight_decay`` * ||delta|| / ||h||^2; after each step ||delta|| is clamped to
 ``clamp_norm_factor`` * ||h||.
+
+Work skipped without changing the numbers (up to float rounding):
+
+* replay (``lower_blocks``): the blocks up to the edited one see no delta, so their output is
+  computed once and replayed in every step;
+* prefix cache (``v_prefix_cache``): attention is causal and the delta enters at the edited
+  token, so every layer's keys and values at the positions *before* that token are the same in
+  every step. They are computed once (:class:`_PrefixCache`) and each step runs only the tokens
+  from the edited token on (on CounterFact with SmolLM2, about 28 % of the tokens).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from contextlib import nullcontext
@@ -23,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .hooks import add_delta, capture, replay_blocks, run_until
+from .hooks import add_delta, block_index, capture, replay_blocks, run_until
 from .hparams import BLUEHyperParams
 from .requests import Row, pad_rows, pad_token_id
 
@@ -116,11 +126,16 @@ def compute_targets(
     nll_final = [math.nan] * n_requests
     active = list(range(n_requests))
     plan = None
+    prefix = None
+    if hparams.v_prefix_cache:
+        prefix = _PrefixCache.build(model, block_name, rows, pad_id, device, hparams.v_max_batch_tokens,
+                                    replay=bool(lower_blocks))
 
     for it in range(hparams.v_num_grad_steps):
         if plan is None or plan.active != active:
-            plan = _BatchPlan(rw_rows, kl_rows, active, n_prefixes, pad_id, device, hparams.v_max_batch_tokens)
-            if lower_blocks:
+            plan = _BatchPlan(rw_rows, kl_rows, active, n_prefixes, pad_id, device, hparams.v_max_batch_tokens,
+                              prefix=prefix, replay=bool(lower_blocks))
+            if lower_blocks and prefix is None:
                 plan.cache_block_outputs(model, block_name)
         last = it == hparams.v_num_grad_steps - 1
         d_act = delta[plan.active_t].clone().requires_grad_(True)
@@ -132,7 +147,7 @@ def compute_targets(
             with torch.set_grad_enabled(not last):
                 with _maybe_replay(model, lower_blocks, block_name, ch.cached):
                     with add_delta(model, block_name, ch.row_idx, ch.row_pos, d_act[ch.row_req]):
-                        hidden = last_hidden(model, ch.batch)
+                        hidden = last_hidden(model, ch.inputs(model))
                 part = torch.zeros(len(active), device=device)
                 if ch.n_rw:
                     # Log-probabilities only where needed: the target positions.
@@ -193,29 +208,45 @@ class _Chunk:
     kl_row: torch.Tensor
     kl_req: torch.Tensor
     cached: Optional[torch.Tensor] = None
+    kv: Optional[list] = None  # prefix cache: per layer (keys, values) of the positions before the edited token
+
+    def inputs(self, model) -> dict:
+        """The model inputs of one step: with a prefix cache, a fresh cache holding the prefix
+        keys/values (each step appends its own keys/values to it)."""
+        if self.kv is None:
+            return self.batch
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        return dict(self.batch, **{_cache_kwarg(model): DynamicCache(ddp_cache_data=self.kv, config=model.config)})
 
 
 class _BatchPlan:
     """Chunks of the rows of the active requests, sorted by length so each chunk pads little and
-    holds at most ``max_tokens`` padded tokens. Rebuilt only when the active set changes."""
+    holds at most ``max_tokens`` padded tokens (with a prefix cache: tokens from the edited token
+    on, the only ones a step runs). Rebuilt only when the active set changes."""
 
-    def __init__(self, rw_rows, kl_rows, active, n_prefixes, pad_id, device, max_tokens: int):
+    def __init__(self, rw_rows, kl_rows, active, n_prefixes, pad_id, device, max_tokens: int,
+                 prefix: "Optional[_PrefixCache]" = None, replay: bool = False):
         self.active = list(active)
         self.active_t = torch.tensor(active, device=device)
         local = {j: k for k, j in enumerate(active)}
-        tagged = [(r, True) for j in active for r in rw_rows[j * n_prefixes:(j + 1) * n_prefixes]]
-        tagged += [(kl_rows[j], False) for j in active]
-        tagged.sort(key=lambda t: len(t[0].ids))
+        n_rw = len(rw_rows)
+        all_rows = list(rw_rows) + list(kl_rows)
+        # (index into all_rows, is a rewriting row)
+        tagged = [(i, True) for j in active for i in range(j * n_prefixes, (j + 1) * n_prefixes)]
+        tagged += [(n_rw + j, False) for j in active]
+        width = (lambda i: len(all_rows[i].ids) - all_rows[i].lookup) if prefix else (lambda i: len(all_rows[i].ids))
+        tagged.sort(key=lambda t: width(t[0]))
         groups, cur = [], []
         for item in tagged:
-            width = len(item[0].ids)  # sorted: the newest row is the widest
-            if cur and width * (len(cur) + 1) > max_tokens:
+            w = width(item[0])  # sorted: the newest row is the widest
+            if cur and w * (len(cur) + 1) > max_tokens:
                 groups.append(cur)
                 cur = []
             cur.append(item)
         if cur:
             groups.append(cur)
-        self.chunks = [self._chunk(g, local, pad_id, device) for g in groups]
+        self.chunks = [self._chunk(g, all_rows, local, pad_id, device, prefix, replay) for g in groups]
 
     @torch.no_grad()
     def cache_block_outputs(self, model, block_name: str) -> None:
@@ -226,22 +257,26 @@ class _BatchPlan:
             ch.cached = store[f"out:{block_name}"]
 
     @staticmethod
-    def _chunk(group, local, pad_id, device) -> _Chunk:
-        rw = [r for r, is_rw in group if is_rw]
-        kl = [r for r, is_rw in group if not is_rw]
-        rows = rw + kl
+    def _chunk(group, all_rows, local, pad_id, device, prefix, replay) -> _Chunk:
+        rw_index = [i for i, is_rw in group if is_rw]
+        index = rw_index + [i for i, is_rw in group if not is_rw]  # rewriting rows first, then KL rows
+        rows = [all_rows[i] for i in index]
+        rw, kl = rows[:len(rw_index)], rows[len(rw_index):]
+        # With a prefix cache a step sees row r from its edited token on: local position
+        # p - lookup holds the row's token p.
+        offset = [r.lookup if prefix else 0 for r in rows]
         t = lambda xs, **kw: torch.tensor(xs, device=device, **kw)
         tgt_row, tgt_pos, tgt_tok, count = [], [], [], []
         for k, r in enumerate(rw):
             n = len(r.targets)
             tgt_row += [k] * n
-            tgt_pos += list(range(r.target_start - 1, r.target_start - 1 + n))
+            tgt_pos += list(range(r.target_start - 1 - offset[k], r.target_start - 1 - offset[k] + n))
             tgt_tok += list(r.targets)
             count.append(n)
-        return _Chunk(
-            batch=pad_rows(rows, pad_id, device),
+        chunk = _Chunk(
+            batch={} if prefix else pad_rows(rows, pad_id, device),
             row_idx=torch.arange(len(rows), device=device),
-            row_pos=t([r.lookup for r in rows]),
+            row_pos=t([r.lookup - o for r, o in zip(rows, offset)]),
             row_req=t([local[r.request] for r in rows]),
             n_rw=len(rw),
             rw_req=t([local[r.request] for r in rw], dtype=torch.long),
@@ -252,6 +287,119 @@ class _BatchPlan:
             kl_row=torch.arange(len(rw), len(rows), device=device),
             kl_req=t([local[r.request] for r in kl], dtype=torch.long),
         )
+        if prefix:
+            prefix.fill_chunk(chunk, index, all_rows, pad_id, device, replay)
+        return chunk
+
+
+class _PrefixCache:
+    """Per row: every attention layer's keys and values at the positions before the edited token
+    (``lookup``), and the edited block's output from the edited token on. Neither depends on the
+    delta (it is added at ``lookup``, attention is causal), so both are computed once, with the
+    unedited forward pass, and reused in every step.
+
+    ``kv[i][layer]`` is ``(keys, values)`` of shape (heads, lookup_i, head_dim), or None for the
+    layers a replayed step never runs (all blocks up to the edited one except the first, whose
+    cache length tells the model how many positions are cached); ``out[i]`` is (len_i - lookup_i,
+    d_model).
+    """
+
+    def __init__(self, kv: list, out: list):
+        self.kv, self.out = kv, out
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, block_name: str, rows: list[Row], pad_id: int, device, max_tokens: int,
+              replay: bool) -> "_PrefixCache":
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        edited = block_index(block_name)
+        kv: list = [None] * len(rows)
+        out: list = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        groups, cur = [], []
+        for i in order:
+            if cur and len(rows[i].ids) * (len(cur) + 1) > max_tokens:
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            groups.append(cur)
+        for group in groups:
+            batch = pad_rows([rows[i] for i in group], pad_id, device)
+            cache = DynamicCache(config=model.config)
+            with capture(model, outputs_of=[block_name]) as store:
+                model.base_model(**batch, **{_cache_kwarg(model): cache}, use_cache=True)
+            block_out = store[f"out:{block_name}"]
+            layers = list(getattr(cache, "layers", []))
+            width = batch["input_ids"].shape[1]
+            if len(layers) <= edited or any(
+                getattr(layer, "keys", None) is None or layer.keys.dim() != 4 or layer.keys.shape[-2] != width
+                for layer in layers
+            ):
+                raise ValueError(
+                    f"{type(model).__name__} does not keep a per-layer key/value cache of the usual shape "
+                    "(batch, heads, positions, head_dim); set v_prefix_cache: false for this model"
+                )
+            keep = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
+            for b, i in enumerate(group):
+                p, n = rows[i].lookup, len(rows[i].ids)
+                kv[i] = [
+                    (layers[l].keys[b, :, :p].clone(), layers[l].values[b, :, :p].clone()) if l in keep else None
+                    for l in range(len(layers))
+                ]
+                out[i] = block_out[b, p:n].clone()
+        return cls(kv, out)
+
+    def fill_chunk(self, chunk: _Chunk, index: list[int], all_rows: list[Row], pad_id: int, device,
+                   replay: bool) -> None:
+        """Turn ``chunk`` (rows ``index`` of ``all_rows``) into a step over the tokens from the
+        edited token on: inputs, positions, a mask over [cached prefix | step tokens] with each
+        row's prefix right-aligned against its first step token, the prefix keys/values and
+        (replay) the edited block's output."""
+        rows = [all_rows[i] for i in index]
+        p_max = max(r.lookup for r in rows)
+        s_max = max(len(r.ids) - r.lookup for r in rows)
+        n = len(rows)
+        ids = torch.full((n, s_max), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, s_max), dtype=torch.long)
+        mask = torch.zeros((n, p_max + s_max), dtype=torch.long)
+        for k, r in enumerate(rows):
+            p, s = r.lookup, len(r.ids) - r.lookup
+            ids[k, :s] = torch.tensor(r.ids[p:], dtype=torch.long)
+            pos[k, :s] = torch.arange(p, p + s)
+            mask[k, p_max - p: p_max + s] = 1
+        chunk.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+        if replay:
+            first = self.out[index[0]]
+            cached = first.new_zeros((n, s_max, first.shape[-1]))
+            for k, i in enumerate(index):
+                cached[k, : self.out[i].shape[0]] = self.out[i]
+            chunk.cached = cached
+        if p_max == 0:  # every row edits its first token: nothing before it to cache
+            chunk.batch["attention_mask"] = chunk.batch["attention_mask"][:, p_max:]
+            return
+        per_layer = []
+        for l, ref in enumerate(self.kv[index[0]]):
+            if ref is None:
+                per_layer.append((None, None))
+                continue
+            keys = ref[0].new_zeros((n, ref[0].shape[0], p_max, ref[0].shape[-1]))
+            values = ref[1].new_zeros((n, ref[1].shape[0], p_max, ref[1].shape[-1]))
+            for k, i in enumerate(index):
+                k_i, v_i = self.kv[i][l]
+                if k_i.shape[-2]:
+                    keys[k, :, p_max - k_i.shape[-2]:] = k_i
+                    values[k, :, p_max - v_i.shape[-2]:] = v_i
+            per_layer.append((keys, values))
+        chunk.kv = per_layer
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the key/value-cache argument of the decoder's forward: ``cache`` in recent
+    transformers, ``past_key_values`` before (still accepted there, with a deprecation warning)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _maybe_replay(model, lower_blocks, block_name, cached):
@@ -271,7 +419,8 @@ def input_device(model) -> torch.device:
 def last_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states (after the final norm), without computing logits for every position.
     Returned on the device of ``batch`` (a model split over devices ends elsewhere)."""
-    out = model.base_model(**batch, use_cache=False).last_hidden_state
+    use_cache = any(batch.get(k) is not None for k in ("cache", "past_key_values"))
+    out = model.base_model(**batch, use_cache=use_cache).last_hidden_state
     return out.to(batch["input_ids"].device)
 
 

@@ -117,3 +117,61 @@ def test_clamp_binds():
     ratio = (res.z - res.h).norm(dim=1) / res.h.norm(dim=1)
     assert torch.allclose(ratio, torch.full_like(ratio, 0.05), rtol=1e-4)
     assert res.steps == [6, 6, 6]
+
+
+# ---- prefix cache ----------------------------------------------------------------------------------
+
+
+def _run_counting(model, tok, hp, requests, layer=1, replay=False, prefixes=PREFIXES):
+    """compute_targets, also returning how many (row x position) hidden states the last block
+    processed over the whole optimisation."""
+    reqs = prepare_requests(tok, requests, hp)
+    rows = target_rows(tok, reqs, prefixes, hp.fact_token)
+    stem = "model.layers" if model.config.model_type == "llama" else "transformer.h"
+    lower = [f"{stem}.{i}" for i in range(layer)] if replay else ()
+    last = model.get_submodule(f"{stem}.{model.config.num_hidden_layers - 1}")
+    seen = []
+    handle = last.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        with frozen(model):
+            res = compute_targets(model, tok, f"{stem}.{layer}", rows, len(reqs), len(prefixes), hp, lower)
+    finally:
+        handle.remove()
+    return res, sum(seen)
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["no-replay", "replay"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-stop{c[3]}")
+def test_prefix_cache_gives_the_same_targets_from_fewer_tokens(case, replay):
+    """Running only the tokens from the edited token on, over cached keys/values of the tokens
+    before it, gives the same targets, steps and NLLs as running whole rows, and the upper
+    blocks see markedly fewer positions. Small chunks (v_max_batch_tokens 40) mix rows of
+    different prefix lengths, which exercises the padding of the cached prefixes."""
+    arch, init, lr, stop = case
+    model, tok = make_model(arch, init=init)
+    hp = make_hparams(v_num_grad_steps=N_STEPS, v_lr=lr, v_early_stop_loss=stop, v_max_batch_tokens=40)
+    full, n_full = _run_counting(model, tok, hp.replace(v_prefix_cache=False), all_requests(), replay=replay)
+    cached, n_cached = _run_counting(model, tok, hp, all_requests(), replay=replay)
+    assert cached.steps == full.steps
+    assert torch.allclose(cached.h, full.h, rtol=1e-5, atol=1e-6)
+    scale = float(full.z.abs().max())
+    assert torch.allclose(cached.z, full.z, rtol=1e-4, atol=1e-4 * scale)
+    assert cached.nll == pytest.approx(full.nll, rel=1e-4)
+    assert n_cached < 0.7 * n_full, (n_cached, n_full)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_prefix_cache_with_the_edited_token_first(layer):
+    """A subject that is the first token (GPT-2 has no BOS) leaves nothing to cache for the
+    rows without a prefix; mixed with rows that have one, the results still match."""
+    model, tok = make_model("gpt2", init=0.3)
+    request = {"prompt": "{} is a word of", "subject": "The", "target_new": "Rome", "case_id": 9}
+    hp = make_hparams(v_num_grad_steps=6, v_lr=2.0, v_early_stop_loss=0.0)
+    for prefixes in ([""], PREFIXES):
+        rows = target_rows(tok, prepare_requests(tok, [request], hp), prefixes, hp.fact_token)
+        assert rows[0].lookup == 0 and rows[-1].lookup == 0  # precondition
+        full, _ = _run_counting(model, tok, hp.replace(v_prefix_cache=False), [request], layer, True, prefixes)
+        cached, _ = _run_counting(model, tok, hp, [request], layer, True, prefixes)
+        assert cached.steps == full.steps == [6]
+        assert torch.allclose(cached.z, full.z, rtol=1e-4, atol=1e-4 * float(full.z.abs().max()))
+        assert cached.nll == pytest.approx(full.nll, rel=1e-4)
