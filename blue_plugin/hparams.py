@@ -105,7 +105,10 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     )
     seed: int = _f(0, "Seed for the context-template generation.", _INT)
     v_replay_lower_layers: bool = _f(True, "Compute the blocks up to the edited one once per target, not every step.", _BOOL)
-    v_max_batch_tokens: int = _f(1024, "Padded tokens per forward/backward chunk of the target optimisation.", _INT)
+    v_max_batch_tokens: int = _f(
+        1024, "Padded tokens per forward/backward chunk of the target optimisation (with v_prefix_cache: the "
+        "tokens a step runs, from the edited token on).", _INT
+    )
     v_prefix_cache: bool = _f(
         True, "Run the optimisation steps from the edited token on, over cached keys/values of the tokens before it.", _BOOL
     )

@@ -128,8 +128,11 @@ def compute_targets(
     plan = None
     prefix = None
     if hparams.v_prefix_cache:
-        prefix = _PrefixCache.build(model, block_name, rows, pad_id, device, hparams.v_max_batch_tokens,
-                                    replay=bool(lower_blocks))
+        try:
+            prefix = _PrefixCache.build(model, block_name, rows, pad_id, device, hparams.v_max_batch_tokens,
+                                        replay=bool(lower_blocks))
+        except _NoPrefixCache as exc:
+            logger.warning("%s; optimising over whole rows instead (set v_prefix_cache: false to skip this check)", exc)
 
     for it in range(hparams.v_num_grad_steps):
         if plan is None or plan.active != active:
@@ -292,6 +295,10 @@ class _BatchPlan:
         return chunk
 
 
+class _NoPrefixCache(Exception):
+    """The model's key/value cache cannot serve as a prefix cache (see :class:`_PrefixCache`)."""
+
+
 class _PrefixCache:
     """Per row: every attention layer's keys and values at the positions before the edited token
     (``lookup``), and the edited block's output from the edited token on. Neither depends on the
@@ -329,7 +336,10 @@ class _PrefixCache:
             batch = pad_rows([rows[i] for i in group], pad_id, device)
             cache = DynamicCache(config=model.config)
             with capture(model, outputs_of=[block_name]) as store:
-                model.base_model(**batch, **{_cache_kwarg(model): cache}, use_cache=True)
+                try:
+                    model.base_model(**batch, **{_cache_kwarg(model): cache}, use_cache=True)
+                except TypeError as exc:  # a decoder without a key/value cache argument
+                    raise _NoPrefixCache(f"{type(model).__name__} takes no key/value cache ({exc})") from exc
             block_out = store[f"out:{block_name}"]
             layers = list(getattr(cache, "layers", []))
             width = batch["input_ids"].shape[1]
@@ -337,9 +347,9 @@ class _PrefixCache:
                 getattr(layer, "keys", None) is None or layer.keys.dim() != 4 or layer.keys.shape[-2] != width
                 for layer in layers
             ):
-                raise ValueError(
+                raise _NoPrefixCache(
                     f"{type(model).__name__} does not keep a per-layer key/value cache of the usual shape "
-                    "(batch, heads, positions, head_dim); set v_prefix_cache: false for this model"
+                    "(batch, heads, positions, head_dim) for these rows"
                 )
             keep = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
             for b, i in enumerate(group):

@@ -175,3 +175,24 @@ def test_prefix_cache_with_the_edited_token_first(layer):
         assert cached.steps == full.steps == [6]
         assert torch.allclose(cached.z, full.z, rtol=1e-4, atol=1e-4 * float(full.z.abs().max()))
         assert cached.nll == pytest.approx(full.nll, rel=1e-4)
+
+
+def test_prefix_cache_falls_back_to_whole_rows_when_the_model_has_no_cache(monkeypatch, caplog):
+    """A decoder whose forward takes no key/value cache: a warning, then the whole-row path,
+    with the same result."""
+    model, tok = make_model("llama", init=0.5)
+    hp = make_hparams(v_num_grad_steps=4, v_lr=5.0, v_early_stop_loss=0.0)
+    full, _ = _run_counting(model, tok, hp.replace(v_prefix_cache=False), all_requests())
+    forward = model.base_model.forward
+
+    def no_cache(*args, cache=None, past_key_values=None, **kwargs):
+        if cache is not None or past_key_values is not None:
+            raise TypeError("forward() got an unexpected keyword argument 'cache'")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "forward", no_cache)
+    with caplog.at_level("WARNING", logger="blue_plugin.targets"):
+        res, _ = _run_counting(model, tok, hp, all_requests())
+    assert "optimising over whole rows instead" in caplog.text
+    assert res.steps == full.steps
+    assert torch.allclose(res.z, full.z, rtol=1e-5, atol=1e-5 * float(full.z.abs().max()))
