@@ -277,11 +277,44 @@ def _accumulation_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
+#: Tokens summed in float32 (on the CPU) before the partial sum is added to the float64 total.
+_PARTIAL_TOKENS = 4096
+
+
+#: Blocks per side of the block-triangular k^T k (see :func:`add_lower_gram_`).
+_GRAM_BLOCKS = 4
+
+
+def _gram_bounds(d: int, blocks: int = _GRAM_BLOCKS) -> list[tuple[int, int]]:
+    step = -(-d // blocks)
+    return [(a, min(a + step, d)) for a in range(0, d, step)]
+
+
+def add_lower_gram_(acc: torch.Tensor, k: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> torch.Tensor:
+    """``acc += k^T k`` on the diagonal blocks and the blocks below them only (k^T k is
+    symmetric: with 4 blocks per side this is 10 of 16 block products). Finish with
+    :func:`symmetrize_lower_`. ``acc``: (d, d); ``k``: (n, d)."""
+    bounds = _gram_bounds(k.shape[1], blocks)
+    for i, (a, b) in enumerate(bounds):
+        for c, e in bounds[: i + 1]:
+            acc[a:b, c:e].addmm_(k[:, a:b].T, k[:, c:e])
+    return acc
+
+
+def symmetrize_lower_(acc: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> torch.Tensor:
+    """Copy the blocks below the diagonal (filled by :func:`add_lower_gram_`) onto those above it."""
+    bounds = _gram_bounds(acc.shape[0], blocks)
+    for i, (a, b) in enumerate(bounds):
+        for c, e in bounds[:i]:
+            acc[c:e, a:b] = acc[a:b, c:e].T
+    return acc
+
+
 def _product_dtype(device: torch.device) -> torch.dtype:
-    """dtype of one batch's k^T k before it is added to the float64 sum. On the CPU float32
-    (about twice as fast as float64 there; a batch holds a few hundred to a few thousand tokens,
-    so its float32 sum loses ~1e-7 relative, far below what C0 needs); elsewhere float64, so a
-    global TF32 switch on a GPU cannot lower the precision of the statistics."""
+    """dtype in which k^T k is summed before it goes into the float64 total. On the CPU float32
+    (about twice as fast as float64 there; a partial sum covers at most a few thousand tokens,
+    :data:`_PARTIAL_TOKENS`, and loses ~1e-7 relative, far below what C0 needs); elsewhere
+    float64, so a global TF32 switch on a GPU cannot lower the precision of the statistics."""
     return torch.float32 if device.type == "cpu" else torch.float64
 
 
@@ -325,8 +358,8 @@ def collect_second_moments(
     at the real (non-padding) tokens; the hook of the last module to run raises a private
     exception that ends the pass, so layers above the highest needed one never execute.
     Texts are processed longest first (less padding); the sums do not depend on the order.
-    Each batch's k^T k is formed in float32 on the CPU (float64 elsewhere, see
-    :func:`_product_dtype`) and added to a float64 running sum.
+    On the CPU k^T k is summed in float32 over up to :data:`_PARTIAL_TOKENS` tokens and then
+    added to the float64 total (float64 throughout elsewhere, see :func:`_product_dtype`).
 
     Args:
         model: a causal LM (``model(input_ids=..., attention_mask=...)``); not modified.
@@ -365,7 +398,15 @@ def collect_second_moments(
     device = _input_device(model)
 
     sums: dict[str, torch.Tensor] = {}
+    partial: dict[str, list] = {}  # name -> [float32 sum not yet in sums, its token count]
     counts: dict[str, int] = {name: 0 for name in names}
+
+    def flush(name: str) -> None:
+        part = partial.get(name)
+        if part is not None and part[1]:
+            sums[name].add_(part[0])
+            part[0].zero_()
+            part[1] = 0
     state: dict[str, object] = {"pending": set(), "mask": None, "index": {}}
 
     def make_hook(name: str):
@@ -394,7 +435,14 @@ def collect_second_moments(
             if k.dtype == torch.float64:
                 sums[name].addmm_(k.T, k)
             else:
-                sums[name].add_(k.T @ k)
+                # float32 partial sum over at most _PARTIAL_TOKENS tokens, then into the float64 sum
+                if name not in partial:
+                    partial[name] = [torch.zeros(k.shape[1], k.shape[1], dtype=k.dtype, device=acc_device), 0]
+                part = partial[name]
+                add_lower_gram_(part[0], k)
+                part[1] += k.shape[0]
+                if part[1] >= _PARTIAL_TOKENS:
+                    flush(name)
             counts[name] += int(state["n_tokens"])  # type: ignore[arg-type]
             pending.discard(name)
             if not pending:
@@ -446,6 +494,11 @@ def collect_second_moments(
             h.remove()
         model.train(was_training)
         state.clear()
+    for name in names:
+        flush(name)
+        if name in partial:  # the float32 path summed only the lower block triangle
+            sums[name] = symmetrize_lower_(sums[name])
+    partial.clear()
     bad = [name for name in names if not torch.isfinite(sums[name]).all()]
     if bad:
         raise ValueError(

@@ -158,8 +158,8 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     assert sorted(r["docs"] for r in rep["ranks"]) == [3, 4]
     assert rep["computed"] == MODULES
 
-    # Single process, batch size 1: the same per-document forward passes, so only the float64
-    # summation order differs.
+    # Single process, batch size 1: the same per-document forward passes, so only the summation
+    # differs (on the CPU: float32 partial sums over up to 4,096 tokens, then float64).
     model, tok, raw = _single_process(setup, batch_size=1, cache_dir=None)
     files = sorted(stats_dir.glob("*.safetensors"))
     assert len(files) == 2
@@ -171,7 +171,7 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
         assert int(meta["count"]) == c == rep["count"][name]
         assert meta["n_docs"] == "7" and meta["n_processes"] == "2"
         assert mean.dtype == torch.float64 and mean.shape == (48, 48)
-        assert torch.allclose(mean, s / c, rtol=1e-10, atol=0), (mean - s / c).abs().max()
+        assert torch.allclose(mean, s / c, rtol=1e-6, atol=1e-7 * float((s / c).abs().max())), (mean - s / c).abs().max()
         assert not torch.equal(mean, torch.zeros_like(mean))
 
     # The engine's loader (get_second_moments with the engine's model id) finds these files and
@@ -189,7 +189,7 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
         stats.collect_second_moments = orig
     for name in MODULES:
         s, c = raw[name]
-        assert torch.allclose(got[name], s / c, rtol=1e-10, atol=0)
+        assert torch.allclose(got[name], s / c, rtol=1e-6, atol=1e-7 * float((s / c).abs().max()))
 
     # A second launch (torch.multiprocessing, library API) finds the files on rank 0, computes
     # nothing, and every rank receives the cached statistics.

@@ -513,3 +513,23 @@ def test_gpt2_fingerprint_ignores_mlp_c_proj_only(tok, corpus_file):
     with torch.no_grad():
         model.transformer.h[0].attn.c_proj.weight.add_(1.0)  # same short name, other module
     assert request_metadata(model, tok, name, str(corpus_file), texts, 4, 16) != meta
+
+
+@pytest.mark.parametrize("d,blocks", [(67, 4), (64, 4), (5, 8), (1, 4)])
+def test_block_triangular_gram_equals_the_full_product(d, blocks):
+    """k^T k summed on the lower block triangle only, then mirrored, equals the full product
+    (also when d is not a multiple of the block count, or smaller than it)."""
+    from blue_plugin.stats import add_lower_gram_, symmetrize_lower_
+
+    g = torch.Generator().manual_seed(d)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    ref = torch.zeros(d, d, dtype=torch.float64)
+    for n in (3, 40, 1):
+        k = torch.randn(n, d, generator=g, dtype=torch.float64)
+        add_lower_gram_(acc, k, blocks)
+        ref += k.T @ k
+    if d > 1:
+        assert not torch.allclose(acc, ref)  # the upper blocks are still missing
+    symmetrize_lower_(acc, blocks)
+    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(acc, ref, rtol=1e-12, atol=1e-12)
