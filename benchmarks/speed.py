@@ -22,7 +22,9 @@ statistics settings:
   forward+backward tokens per second at the same batch shapes (full logits, loss over all
   positions, gradient w.r.t. the input embeddings, parameters frozen as while editing). Our
   engine replays the blocks below the edited layer from a cache, so its ratio can exceed 1: the
-  skipped blocks are work it does not do.
+  skipped blocks are work it does not do. With its prefix cache (``v_prefix_cache``) a step runs
+  only the tokens from the subject's last token on; those are the tokens counted (and the shapes
+  of the plain forward+backward), so the rows' earlier tokens, served from the cache, are not.
 * **peak RSS** per phase: the kernel's high-water mark of the process (``VmHWM``, reset before each
   phase through ``/proc/self/clear_refs``) and a psutil sample (every 50 ms) of the process plus its
   children (EasyEdit's statistics use two data-loader worker processes).
@@ -1198,7 +1200,8 @@ def render_table(result: dict[str, Any]) -> str:
                   + ", ".join(f"{k} {_f(v.get('seconds'))}" for k, v in prep.items()) + "."]
     lines += ["", "Tokens/s: batch x padded length of every forward call of the decoder during the target phase "
               "over the phase's wall time; ours replays the blocks below the edited layer from a cache (work skipped), "
-              "so its ratio can exceed 1. Peak RSS 'tree' includes child processes (EasyEdit's data-loader workers)."]
+              "so its ratio can exceed 1; with its prefix cache only the tokens from the subject's last token on "
+              "are run and counted. Peak RSS 'tree' includes child processes (EasyEdit's data-loader workers)."]
     return "\n".join(lines) + "\n"
 
 
