@@ -97,6 +97,9 @@ def compute_targets(
     ``lower_blocks`` (the names of all blocks below ``block_name``, in order) turns on replay:
     the output of ``block_name`` is computed once per chunk and the blocks up to it are skipped
     in every optimisation step, which gives the same numbers for less compute.
+    ``hparams.v_prefix_cache`` makes every step run only the tokens from the edited token on
+    (see :class:`_PrefixCache`); a decoder whose key/value cache cannot serve for that falls back
+    to whole rows with a warning.
     """
     device = input_device(model)  # with device_map, blocks may sit elsewhere; see last_hidden
     pad_id = pad_token_id(tok)
@@ -239,16 +242,7 @@ class _BatchPlan:
         tagged = [(i, True) for j in active for i in range(j * n_prefixes, (j + 1) * n_prefixes)]
         tagged += [(n_rw + j, False) for j in active]
         width = (lambda i: len(all_rows[i].ids) - all_rows[i].lookup) if prefix else (lambda i: len(all_rows[i].ids))
-        tagged.sort(key=lambda t: width(t[0]))
-        groups, cur = [], []
-        for item in tagged:
-            w = width(item[0])  # sorted: the newest row is the widest
-            if cur and w * (len(cur) + 1) > max_tokens:
-                groups.append(cur)
-                cur = []
-            cur.append(item)
-        if cur:
-            groups.append(cur)
+        groups = _budget_groups(tagged, lambda t: width(t[0]), max_tokens)
         self.chunks = [self._chunk(g, all_rows, local, pad_id, device, prefix, replay) for g in groups]
 
     @torch.no_grad()
@@ -323,16 +317,7 @@ class _PrefixCache:
         edited = block_index(block_name)
         kv: list = [None] * len(rows)
         out: list = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-        groups, cur = [], []
-        for i in order:
-            if cur and len(rows[i].ids) * (len(cur) + 1) > max_tokens:
-                groups.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            groups.append(cur)
-        for group in groups:
+        for group in _budget_groups(range(len(rows)), lambda i: len(rows[i].ids), max_tokens):
             batch = pad_rows([rows[i] for i in group], pad_id, device)
             cache = DynamicCache(config=model.config)
             with capture(model, outputs_of=[block_name]) as store:
@@ -403,6 +388,20 @@ class _PrefixCache:
                     values[k, :, p_max - v_i.shape[-2]:] = v_i
             per_layer.append((keys, values))
         chunk.kv = per_layer
+
+
+def _budget_groups(items, width, max_tokens: int) -> list[list]:
+    """``items`` sorted by ``width(item)`` and cut into consecutive groups whose padded size
+    (widest item x group size) stays within ``max_tokens`` (a wider item gets a group alone)."""
+    groups, cur = [], []
+    for item in sorted(items, key=width):
+        if cur and width(item) * (len(cur) + 1) > max_tokens:  # sorted: this item is the widest
+            groups.append(cur)
+            cur = []
+        cur.append(item)
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def _cache_kwarg(model) -> str:
