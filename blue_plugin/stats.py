@@ -318,6 +318,44 @@ def _product_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.float64
 
 
+class _GramSum:
+    """Running sum of k^T k for one module, returned in float64 by :meth:`result`.
+
+    Where :func:`_product_dtype` is float32 (the CPU), keys are summed in a float32 partial sum
+    on the lower block triangle only (:func:`add_lower_gram_`), moved into the float64 total
+    every :data:`_PARTIAL_TOKENS` tokens and mirrored at the end; elsewhere each batch goes
+    straight into the float64 total."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.dtype = _product_dtype(device)
+        self.total = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.part = torch.zeros(d, d, dtype=self.dtype, device=device) if self.dtype != torch.float64 else None
+        self.part_tokens = 0
+
+    def add(self, k: torch.Tensor) -> None:
+        k = k.to(self.dtype)
+        if self.part is None:
+            self.total.addmm_(k.T, k)
+            return
+        add_lower_gram_(self.part, k)
+        self.part_tokens += k.shape[0]
+        if self.part_tokens >= _PARTIAL_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.part is not None and self.part_tokens:
+            self.total.add_(self.part)
+            self.part.zero_()
+            self.part_tokens = 0
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        if self.part is not None:
+            self.part = None
+            symmetrize_lower_(self.total)
+        return self.total
+
+
 def _effective_max_length(model: nn.Module, max_length: int) -> int:
     _check_positive_int(max_length, "max_length")
     config = getattr(model, "config", None)
@@ -397,16 +435,8 @@ def collect_second_moments(
     pad_id = pad_token_id(tok)
     device = _input_device(model)
 
-    sums: dict[str, torch.Tensor] = {}
-    partial: dict[str, list] = {}  # name -> [float32 sum not yet in sums, its token count]
+    grams: dict[str, _GramSum] = {}
     counts: dict[str, int] = {name: 0 for name in names}
-
-    def flush(name: str) -> None:
-        part = partial.get(name)
-        if part is not None and part[1]:
-            sums[name].add_(part[0])
-            part[0].zero_()
-            part[1] = 0
     state: dict[str, object] = {"pending": set(), "mask": None, "index": {}}
 
     def make_hook(name: str):
@@ -429,20 +459,10 @@ def collect_second_moments(
             index_cache: dict = state["index"]  # type: ignore[assignment]
             if x.device not in index_cache:
                 index_cache[x.device] = state["flat_index"].to(x.device, non_blocking=True)  # type: ignore[union-attr]
-            k = x.index_select(0, index_cache[x.device]).to(device=acc_device, dtype=_product_dtype(acc_device))
-            if name not in sums:
-                sums[name] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=acc_device)
-            if k.dtype == torch.float64:
-                sums[name].addmm_(k.T, k)
-            else:
-                # float32 partial sum over at most _PARTIAL_TOKENS tokens, then into the float64 sum
-                if name not in partial:
-                    partial[name] = [torch.zeros(k.shape[1], k.shape[1], dtype=k.dtype, device=acc_device), 0]
-                part = partial[name]
-                add_lower_gram_(part[0], k)
-                part[1] += k.shape[0]
-                if part[1] >= _PARTIAL_TOKENS:
-                    flush(name)
+            k = x.index_select(0, index_cache[x.device]).to(device=acc_device)
+            if name not in grams:
+                grams[name] = _GramSum(k.shape[1], acc_device)
+            grams[name].add(k)
             counts[name] += int(state["n_tokens"])  # type: ignore[arg-type]
             pending.discard(name)
             if not pending:
@@ -494,11 +514,8 @@ def collect_second_moments(
             h.remove()
         model.train(was_training)
         state.clear()
-    for name in names:
-        flush(name)
-        if name in partial:  # the float32 path summed only the lower block triangle
-            sums[name] = symmetrize_lower_(sums[name])
-    partial.clear()
+    sums = {name: grams[name].result() for name in names}
+    grams.clear()
     bad = [name for name in names if not torch.isfinite(sums[name]).all()]
     if bad:
         raise ValueError(
