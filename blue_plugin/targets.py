@@ -214,16 +214,18 @@ class _Chunk:
     kl_row: torch.Tensor
     kl_req: torch.Tensor
     cached: Optional[torch.Tensor] = None
-    kv: Optional[list] = None  # prefix cache: per layer (keys, values) of the positions before the edited token
+    kv: Optional[tuple] = None  # prefix cache: (_PrefixCache, row indices, prefix positions)
 
     def inputs(self, model) -> dict:
         """The model inputs of one step: with a prefix cache, a fresh cache holding the prefix
-        keys/values (each step appends its own keys/values to it)."""
+        keys/values of this chunk's rows (each step appends its own keys/values to it)."""
         if self.kv is None:
             return self.batch
         from transformers import DynamicCache  # noqa: PLC0415
 
-        return dict(self.batch, **{_cache_kwarg(model): DynamicCache(ddp_cache_data=self.kv, config=model.config)})
+        prefix, index, p_max = self.kv
+        cache = DynamicCache(ddp_cache_data=prefix.cache_data(index, p_max), config=model.config)
+        return dict(self.batch, **{_cache_kwarg(model): cache})
 
 
 class _BatchPlan:
@@ -299,14 +301,16 @@ class _PrefixCache:
     delta (it is added at ``lookup``, attention is causal), so both are computed once, with the
     unedited forward pass, and reused in every step.
 
-    ``kv[i][layer]`` is ``(keys, values)`` of shape (heads, lookup_i, head_dim), or None for the
-    layers a replayed step never runs (all blocks up to the edited one except the first, whose
-    cache length tells the model how many positions are cached); ``out[i]`` is (len_i - lookup_i,
-    d_model).
+    Stored padded, so that a chunk is gathered with one ``index_select`` per layer:
+    ``keys[l]`` / ``values[l]``: (rows, heads, P, head_dim) with row i's ``lookup_i`` positions
+    right-aligned against P = the longest prefix (zeros before them), or None for the layers a
+    replayed step never runs (all blocks up to the edited one except the first, whose cache
+    length tells the model how many positions are cached); ``out``: (rows, S, d_model) with
+    row i's output from its edited token on left-aligned (None without replay).
     """
 
-    def __init__(self, kv: list, out: list):
-        self.kv, self.out = kv, out
+    def __init__(self, keys: list, values: list, out: Optional[torch.Tensor], prefix_len: int):
+        self.keys, self.values, self.out, self.prefix_len = keys, values, out, prefix_len
 
     @classmethod
     @torch.no_grad()
@@ -315,8 +319,11 @@ class _PrefixCache:
         from transformers import DynamicCache  # noqa: PLC0415
 
         edited = block_index(block_name)
-        kv: list = [None] * len(rows)
-        out: list = [None] * len(rows)
+        p_all = max(r.lookup for r in rows)
+        s_all = max(len(r.ids) - r.lookup for r in rows)
+        keys: list = []
+        values: list = []
+        out: Optional[torch.Tensor] = None
         for group in _budget_groups(range(len(rows)), lambda i: len(rows[i].ids), max_tokens):
             batch = pad_rows([rows[i] for i in group], pad_id, device)
             cache = DynamicCache(config=model.config)
@@ -325,33 +332,63 @@ class _PrefixCache:
                     model.base_model(**batch, **{_cache_kwarg(model): cache}, use_cache=True)
                 except TypeError as exc:  # a decoder without a key/value cache argument
                     raise _NoPrefixCache(f"{type(model).__name__} takes no key/value cache ({exc})") from exc
-            block_out = store[f"out:{block_name}"]
             layers = list(getattr(cache, "layers", []))
             width = batch["input_ids"].shape[1]
             if len(layers) <= edited or any(
                 getattr(layer, "keys", None) is None or layer.keys.dim() != 4 or layer.keys.shape[-2] != width
+                or layer.values.shape[:-1] != layer.keys.shape[:-1]
                 for layer in layers
             ):
                 raise _NoPrefixCache(
                     f"{type(model).__name__} does not keep a per-layer key/value cache of the usual shape "
                     "(batch, heads, positions, head_dim) for these rows"
                 )
-            keep = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
+            if not keys:  # first group: allocate the padded stores
+                kept = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
+                for l, layer in enumerate(layers):
+                    if l not in kept:
+                        keys.append(None)
+                        values.append(None)
+                        continue
+                    k, v = layer.keys, layer.values
+                    keys.append(k.new_zeros((len(rows), k.shape[1], p_all, k.shape[-1])))
+                    values.append(v.new_zeros((len(rows), v.shape[1], p_all, v.shape[-1])))
+            # (row, position) pairs of this group's prefixes: source (batch row, position) and
+            # destination (row, right-aligned position); the same for the outputs from lookup on
+            src_b, src_p, dst_r, dst_p, out_b, out_p, out_r, out_t = [], [], [], [], [], [], [], []
             for b, i in enumerate(group):
                 p, n = rows[i].lookup, len(rows[i].ids)
-                kv[i] = [
-                    (layers[l].keys[b, :, :p].clone(), layers[l].values[b, :, :p].clone()) if l in keep else None
-                    for l in range(len(layers))
-                ]
-                out[i] = block_out[b, p:n].clone()
-        return cls(kv, out)
+                src_b += [b] * p
+                src_p += range(p)
+                dst_r += [i] * p
+                dst_p += range(p_all - p, p_all)
+                out_b += [b] * (n - p)
+                out_p += range(p, n)
+                out_r += [i] * (n - p)
+                out_t += range(n - p)
+            for l, layer in enumerate(layers):
+                if keys[l] is None or not src_b:
+                    continue
+                dev = layer.keys.device
+                sb, sp = torch.tensor(src_b, device=dev), torch.tensor(src_p, device=dev)
+                dr, dp = torch.tensor(dst_r, device=dev), torch.tensor(dst_p, device=dev)
+                keys[l][dr, :, dp] = layer.keys[sb, :, sp]
+                values[l][dr, :, dp] = layer.values[sb, :, sp]
+            if replay:
+                block_out = store[f"out:{block_name}"]
+                dev = block_out.device
+                if out is None:
+                    out = block_out.new_zeros((len(rows), s_all, block_out.shape[-1]))
+                out[torch.tensor(out_r, device=dev), torch.tensor(out_t, device=dev)] = block_out[
+                    torch.tensor(out_b, device=dev), torch.tensor(out_p, device=dev)]
+        return cls(keys, values, out, p_all)
 
     def fill_chunk(self, chunk: _Chunk, index: list[int], all_rows: list[Row], pad_id: int, device,
                    replay: bool) -> None:
         """Turn ``chunk`` (rows ``index`` of ``all_rows``) into a step over the tokens from the
         edited token on: inputs, positions, a mask over [cached prefix | step tokens] with each
-        row's prefix right-aligned against its first step token, the prefix keys/values and
-        (replay) the edited block's output."""
+        row's prefix right-aligned against its first step token, which prefix rows to gather
+        for its cache (see :meth:`cache_data`) and (replay) the edited block's output."""
         rows = [all_rows[i] for i in index]
         p_max = max(r.lookup for r in rows)
         s_max = max(len(r.ids) - r.lookup for r in rows)
@@ -366,28 +403,22 @@ class _PrefixCache:
             mask[k, p_max - p: p_max + s] = 1
         chunk.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
         if replay:
-            first = self.out[index[0]]
-            cached = first.new_zeros((n, s_max, first.shape[-1]))
-            for k, i in enumerate(index):
-                cached[k, : self.out[i].shape[0]] = self.out[i]
-            chunk.cached = cached
-        if p_max == 0:  # every row edits its first token: nothing before it to cache
-            chunk.batch["attention_mask"] = chunk.batch["attention_mask"][:, p_max:]
-            return
-        per_layer = []
-        for l, ref in enumerate(self.kv[index[0]]):
-            if ref is None:
-                per_layer.append((None, None))
+            chunk.cached = self.out.index_select(0, torch.tensor(index, device=self.out.device))[:, :s_max]
+        if p_max > 0:  # else every row edits its first token: nothing before it to cache
+            chunk.kv = (self, index, p_max)
+
+    def cache_data(self, index: list[int], p_max: int) -> list[tuple]:
+        """Per layer (keys, values) of rows ``index``, the last ``p_max`` prefix positions (or
+        (None, None) for layers a step does not run): the data of a fresh cache for one step."""
+        data = []
+        for k, v in zip(self.keys, self.values):
+            if k is None:
+                data.append((None, None))
                 continue
-            keys = ref[0].new_zeros((n, ref[0].shape[0], p_max, ref[0].shape[-1]))
-            values = ref[1].new_zeros((n, ref[1].shape[0], p_max, ref[1].shape[-1]))
-            for k, i in enumerate(index):
-                k_i, v_i = self.kv[i][l]
-                if k_i.shape[-2]:
-                    keys[k, :, p_max - k_i.shape[-2]:] = k_i
-                    values[k, :, p_max - v_i.shape[-2]:] = v_i
-            per_layer.append((keys, values))
-        chunk.kv = per_layer
+            idx = torch.tensor(index, device=k.device)
+            data.append((k.index_select(0, idx)[:, :, self.prefix_len - p_max:],
+                         v.index_select(0, idx)[:, :, self.prefix_len - p_max:]))
+        return data
 
 
 def _budget_groups(items, width, max_tokens: int) -> list[list]:
