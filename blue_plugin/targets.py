@@ -366,12 +366,14 @@ class _PrefixCache:
                 out_p += range(p, n)
                 out_r += [i] * (n - p)
                 out_t += range(n - p)
+            on_device: dict = {}  # the index tensors, once per device the layers sit on
             for l, layer in enumerate(layers):
                 if keys[l] is None or not src_b:
                     continue
                 dev = layer.keys.device
-                sb, sp = torch.tensor(src_b, device=dev), torch.tensor(src_p, device=dev)
-                dr, dp = torch.tensor(dst_r, device=dev), torch.tensor(dst_p, device=dev)
+                if dev not in on_device:
+                    on_device[dev] = [torch.tensor(x, device=dev) for x in (src_b, src_p, dst_r, dst_p)]
+                sb, sp, dr, dp = on_device[dev]
                 keys[l][dr, :, dp] = layer.keys[sb, :, sp]
                 values[l][dr, :, dp] = layer.values[sb, :, sp]
             if replay:
@@ -411,11 +413,14 @@ class _PrefixCache:
         """Per layer (keys, values) of rows ``index``, the last ``p_max`` prefix positions (or
         (None, None) for layers a step does not run): the data of a fresh cache for one step."""
         data = []
+        on_device: dict = {}
         for k, v in zip(self.keys, self.values):
             if k is None:
                 data.append((None, None))
                 continue
-            idx = torch.tensor(index, device=k.device)
+            if k.device not in on_device:
+                on_device[k.device] = torch.tensor(index, device=k.device)
+            idx = on_device[k.device]
             data.append((k.index_select(0, idx)[:, :, self.prefix_len - p_max:],
                          v.index_select(0, idx)[:, :, self.prefix_len - p_max:]))
         return data
