@@ -917,7 +917,7 @@ def render_table(result: dict[str, Any]) -> str:
     ]
     for name, m in result["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(m["summary"].get(k)) for k in keys) + " |")
-    diffs = blue_vs_base(result)
+    diffs = result.get("blue_vs_base") or blue_vs_base(result)  # stored by run_benchmark; older results lack it
     if diffs:
         lines += ["", "BLUE minus its base method, paired over the same cases: mean x100 with 95% bootstrap CI "
                   "(an interval that excludes 0 is a difference these cases resolve).", "",
