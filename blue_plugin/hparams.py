@@ -7,8 +7,10 @@ setting ``alg_name: BLUE`` and adding ``base_method`` and ``blue``. Validation h
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,6 +28,17 @@ FACT_TOKENS = ("subject_last", "subject_first", "last")
 LAYER_SELECTIONS = ("all", "dynamic")
 DYNAMIC_CRITERIA = ("residual_norm", "steps", "update_norm")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+RECT_MASK_TIMINGS = ("batch", "layer")
+PRUNE_TIMINGS = ("sequence", "batch")
+MODES = ("original", "blue")
+#: Keys a ``mode_overrides`` entry may not set: they choose the method or the mode itself.
+NOT_OVERRIDABLE = ("alg_name", "base_method", "blue", "mode_overrides")
+#: Base methods that add earlier batches' K_p K_p^T by default (``accumulate_keys: null``), as the
+#: reference evaluations run them: MEMIT_seq and AlphaEdit; RECT and PRUNE run on plain MEMIT.
+ACCUMULATING_BY_DEFAULT = ("MEMIT", "AlphaEdit")
+
+#: Where the YAML files that ship with the package live (``from_hparams("smollm2-135m")``).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "BLUE"
 
 # Keys that EasyEdit YAMLs of the base methods carry but that this plugin has no use for.
 # They are accepted so that converted files load; a warning says they are ignored.
@@ -66,6 +79,7 @@ _NUM = (int, float)
 _STR = (str,)
 _OPT_STR = (str, type(None))
 _BOOL = (bool,)
+_OPT_BOOL = (bool, type(None))
 
 
 @dataclass
@@ -96,8 +110,8 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     v_num_grad_steps: int = _f(25, "Maximum optimisation steps per target.", _INT)
     v_lr: float = _f(5e-1, "Adam learning rate of the target optimisation.", _NUM)
     v_loss_layer: int = _f(-1, "Layer whose output gives the loss (-1 or the last layer: the logits).", _INT)
-    v_weight_decay: float = _f(1e-3, "Weight decay on ||delta|| / ||h||^2.", _NUM)
-    clamp_norm_factor: float = _f(4.0, "||delta|| is clamped to this factor times ||h||.", _NUM)
+    v_weight_decay: float = _f(0.5, "Weight decay on ||delta|| / ||h||^2 (MEMIT / AlphaEdit / BLUE: 0.5).", _NUM)
+    clamp_norm_factor: float = _f(0.75, "||delta|| is clamped to this factor times ||h|| (MEMIT / AlphaEdit / BLUE: 0.75).", _NUM)
     kl_factor: float = _f(0.0625, "Weight of the KL term on '{subject} is a'.", _NUM)
     v_early_stop_loss: float = _f(5e-2, "A request stops optimising once its loss is below this.", _NUM)
     context_template_length_params: list = _f(
@@ -116,10 +130,23 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     # --- update rule ---------------------------------------------------------------------
     mom2_adjustment: bool = _f(True, "Use the key second moment C_0 in the solve.", _BOOL)
     mom2_update_weight: float = _f(15000.0, "lambda in (lambda C_0 + K K^T).", _NUM)
-    accumulate_keys: bool = _f(True, "MEMIT/RECT/PRUNE: add earlier batches' K_p K_p^T (MEMIT_seq).", _BOOL)
+    accumulate_keys: Optional[bool] = _f(
+        None, "MEMIT/RECT/PRUNE: add earlier batches' K_p K_p^T (MEMIT_seq). null: as the reference evaluations "
+        f"({', '.join(ACCUMULATING_BY_DEFAULT)} accumulate, RECT and PRUNE do not); AlphaEdit always accumulates.", _OPT_BOOL
+    )
     nullspace_threshold: float = _f(2e-2, "AlphaEdit: eigenvalues of C_0 below this span the null space.", _NUM)
     L2: float = _f(10.0, "AlphaEdit: ridge term of the projected solve.", _NUM)
     rect_keep_fraction: float = _f(0.4, "RECT: fraction of update entries kept (by relative change).", _NUM)
+    rect_mask_timing: str = _f(
+        "batch", f"RECT: when the top-k mask applies, one of {RECT_MASK_TIMINGS}. 'batch' (reference): the layers are "
+        "walked with dense updates and each layer's update is masked when the batch is written; 'layer': each "
+        "layer's update is masked before the next layer is computed.", _STR
+    )
+    prune_timing: str = _f(
+        "sequence", f"PRUNE: when the restraint applies, one of {PRUNE_TIMINGS}. 'sequence' (reference): once, to the "
+        "accumulated change W_now - W_orig of the served weights (evaluation, save, export, finalize()); 'batch': "
+        "after every batch and layer (not idempotent).", _STR
+    )
     solve_dtype: str = _f("float64", "dtype of the closed-form solves.", _STR)
 
     # --- module templates (None = derived from model.config.model_type) -------------------
@@ -132,8 +159,10 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
 
     # --- statistics ------------------------------------------------------------------------
     mom2_dataset: str = _f(
-        "../shared/data/corpus/wordnet-glosses.txt",
-        "Corpus for C_0: a local text file (one document per line), a .jsonl with 'text', or wikipedia/wikitext.",
+        "wikipedia",
+        "Corpus for C_0 (as the references: wikipedia): wikipedia / wikitext (the `datasets` package and hub access), "
+        "wordnet (Debian's wordnet-base glosses), sampled (text sampled from the model itself, needs no data), "
+        "a combination such as wordnet+sampled, a local text file (one document per line) or a .jsonl with 'text'.",
         _STR,
     )
     mom2_n_samples: int = _f(1000, "Number of corpus documents for C_0.", _INT)
@@ -146,9 +175,45 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     max_length: int = _f(40, "Maximum tokens of an edit prompt plus target.", _INT)
     model_parallel: bool = _f(False, "Kept for EasyEdit; layers may sit on different devices regardless.", _BOOL)
 
+    # --- values per mode ---------------------------------------------------------------------
+    mode_overrides: dict = _f(
+        {}, "Values in force in one mode only: {original: {key: value}, blue: {key: value}} (e.g. AlphaEdit's L2: "
+        "10 for the original method, the BLUE configs' own value with blue: true).", (dict,)
+    )
+
     def __post_init__(self) -> None:
         self._validate_types()
+        self._apply_mode_overrides()
         self._validate_values()
+
+    def _apply_mode_overrides(self) -> None:
+        """Put the values of the active mode's ``mode_overrides`` in force; remember the values they
+        replace (``to_dict`` writes those, so a round trip and a mode switch stay exact)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for mode, values in self.mode_overrides.items():
+            if mode not in MODES:
+                raise BLUEConfigError(f"'mode_overrides': modes are {MODES}, got {mode!r}.")
+            if not isinstance(values, dict):
+                raise BLUEConfigError(f"'mode_overrides.{mode}' must be a mapping of key: value, got {values!r}.")
+            for key in values:
+                if key in NOT_OVERRIDABLE:
+                    raise BLUEConfigError(f"'mode_overrides.{mode}' may not set {key!r}; set it at the top level.")
+                if key not in names:
+                    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise BLUEConfigError(f"'mode_overrides.{mode}': unknown hyperparameter {key!r}{hint}.")
+        active = self.mode_overrides.get(self.mode, {})
+        base = {key: getattr(self, key) for key in active}
+        for key, value in active.items():
+            setattr(self, key, copy.deepcopy(value))
+        self._mode_base = base
+        if active:
+            self._validate_types()
+
+    @property
+    def mode(self) -> str:
+        """``'blue'`` or ``'original'``: which entry of ``mode_overrides`` is in force."""
+        return "blue" if self.blue else "original"
 
     # ---------------------------------------------------------------------------------------
     def _validate_types(self) -> None:
@@ -160,8 +225,8 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
             if isinstance(value, str) and (float in kind or int in kind) and str not in kind:
                 value = _maybe_number(f.name, value, integer=float not in kind)
                 setattr(self, f.name, value)
-            if bool in kind and not isinstance(value, bool):
-                raise BLUEConfigError(f"'{f.name}' must be true or false, got {value!r}.")
+            if bool in kind and not isinstance(value, kind):
+                raise BLUEConfigError(f"'{f.name}' must be {_kind_name(kind)}, got {value!r}.")
             if bool not in kind and isinstance(value, bool):
                 raise BLUEConfigError(f"'{f.name}' must be {_kind_name(kind)}, got {value!r}.")
             if not isinstance(value, kind):
@@ -209,6 +274,10 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
         for key in ("v_weight_decay", "kl_factor", "mom2_update_weight", "nullspace_threshold", "L2", "v_early_stop_loss"):
             if not getattr(self, key) >= 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)!r}.")
+        if self.rect_mask_timing not in RECT_MASK_TIMINGS:
+            bad("rect_mask_timing", f"must be one of {RECT_MASK_TIMINGS}, got {self.rect_mask_timing!r}.")
+        if self.prune_timing not in PRUNE_TIMINGS:
+            bad("prune_timing", f"must be one of {PRUNE_TIMINGS}, got {self.prune_timing!r}.")
         if not 0.0 < self.rect_keep_fraction <= 1.0:
             bad("rect_keep_fraction", f"must be in (0, 1], got {self.rect_keep_fraction!r}.")
         for key in ("mom2_dtype", "solve_dtype"):
@@ -226,6 +295,16 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
 
     # ---------------------------------------------------------------------------------------
     @property
+    def accumulates_keys(self) -> bool:
+        """Whether earlier batches' K_p K_p^T enter the solve: ``accumulate_keys`` when set, else the
+        reference behaviour of the base method; AlphaEdit always accumulates."""
+        if self.base_method == "AlphaEdit":
+            return True
+        if self.accumulate_keys is None:
+            return self.base_method in ACCUMULATING_BY_DEFAULT
+        return self.accumulate_keys
+
+    @property
     def edit_layers(self) -> list[int]:
         """Layers whose weights a (fixed-selection) edit changes."""
         if self.blue:
@@ -233,11 +312,45 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
         return list(self.layers)
 
     def replace(self, **changes: Any) -> "BLUEHyperParams":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with some fields changed (``blue`` switches the mode, and with it the
+        ``mode_overrides`` in force). Changing a key that the resulting mode overrides is an error:
+        change it in ``mode_overrides`` instead, or it would be silently overridden."""
+        config = self.to_dict()
+        config.update(changes)
+        overrides = config.get("mode_overrides") or {}
+        mode = "blue" if config.get("blue") else "original"
+        clash = sorted(k for k in changes if k in overrides.get(mode, {}) and "mode_overrides" not in changes)
+        if clash:
+            raise BLUEConfigError(
+                f"{', '.join(map(repr, clash))} is set for the {mode!r} mode in mode_overrides, which would override "
+                f"the new value; pass mode_overrides with the new value instead."
+            )
+        return type(self)(**config)
+
+    def for_mode(self, blue: bool) -> "BLUEHyperParams":
+        """A copy with ``blue`` set and that mode's ``mode_overrides`` in force: the configuration a
+        comparison of BLUE (``True``) with the original method (``False``) runs for each side."""
+        if not isinstance(blue, bool):
+            raise BLUEConfigError(f"for_mode: blue must be True or False, got {blue!r}.")
+        return self.replace(blue=blue)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every key as the configuration states it: the values outside ``mode_overrides`` plus
+        ``mode_overrides`` itself (``from_dict(to_dict())`` gives an equal object). The values in
+        force are the attributes."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out.update(copy.deepcopy(getattr(self, "_mode_base", {})))
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BLUEHyperParams":
+        """Read a JSON file of hyperparameters (as EasyEdit's ``HyperParams.from_json``)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BLUEConfigError(f"{path}: cannot read hyperparameters as JSON: {exc}") from exc
+        return cls.from_dict(config, source=str(path))
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "<dict>") -> "BLUEHyperParams":
@@ -261,12 +374,10 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | os.PathLike) -> "BLUEHyperParams":
-        """Read a YAML file (the ``.yaml`` suffix may be omitted, as in EasyEdit) and validate it."""
-        path = Path(hparams_name_or_path)
-        if not path.exists() and path.suffix not in (".yaml", ".yml"):
-            path = path.with_name(path.name + ".yaml")
-        if not path.is_file():
-            raise BLUEConfigError(f"hyperparameter file not found: {str(hparams_name_or_path)!r} (tried {str(path)!r}).")
+        """Read a YAML file and validate it. ``hparams_name_or_path`` is a path (the ``.yaml`` suffix
+        may be omitted, as in EasyEdit) or the name of a configuration shipped with the package
+        (``"smollm2-135m"``, ``"llama3-8b"``, ...; see :func:`shipped_configs`)."""
+        path = _find_yaml(hparams_name_or_path)
         try:
             with open(path, encoding="utf-8") as fh:
                 config = yaml.safe_load(fh)
@@ -293,6 +404,30 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
         return cls.from_dict(config, source=str(path))
 
 
+def shipped_configs() -> list[str]:
+    """Names of the YAML configurations that ship with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _find_yaml(name_or_path: str | os.PathLike) -> Path:
+    """The file a name or path means: the path (with ``.yaml`` appended if needed), else a shipped
+    configuration of that name; an error lists what was tried and the shipped names."""
+    given = Path(name_or_path).expanduser()
+    tried = [given]
+    if given.suffix not in (".yaml", ".yml"):
+        tried.append(given.with_name(given.name + ".yaml"))
+    if given.name == str(name_or_path) or given.parent == Path("."):
+        stem = given.name[: -len(given.suffix)] if given.suffix in (".yaml", ".yml") else given.name
+        tried.append(CONFIG_DIR / f"{stem}.yaml")
+    for path in tried:
+        if path.is_file():
+            return path
+    raise BLUEConfigError(
+        f"hyperparameter file not found: {str(name_or_path)!r} (tried {', '.join(repr(str(p)) for p in tried)}); "
+        f"pass a path to a YAML file or one of the shipped names {shipped_configs()}."
+    )
+
+
 def _maybe_number(key: str, value: str, integer: bool) -> Any:
     """YAML reads '5e-1' (as EasyEdit files write it) as a string; turn it into a number."""
     try:
@@ -307,5 +442,5 @@ def _maybe_number(key: str, value: str, integer: bool) -> Any:
 
 
 def _kind_name(kind: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", type(None): "null"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", type(None): "null"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kind))

@@ -107,7 +107,7 @@ class UpdateRule:
         return W_new, None
 
     def uses_kpkp(self, hp: BLUEHyperParams) -> bool:
-        return self.always_accumulates or hp.accumulate_keys
+        return self.always_accumulates or hp.accumulates_keys
 
 
 class MemitRule(UpdateRule):
