@@ -295,7 +295,7 @@ def run_check(
     all_ok = True
     for name in methods:
         base_method, blue = METHODS[name]
-        hp = base.replace(base_method=base_method, blue=blue)
+        hp = base.replace(base_method=base_method).for_mode(blue)
         run: dict[str, Any] = {"ok": False, "n_requests": n_requests, "base_method": base_method, "blue": blue,
                                "edit_layers": hp.edit_layers}
         report["runs"][name] = run

@@ -124,9 +124,10 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 
 
 def method_hparams(base, method: str):
-    """The hyperparameters of ``method``: ``base`` with its ``base_method`` and ``blue`` set."""
+    """The hyperparameters of ``method``: ``base`` with its ``base_method`` set, in the mode ``method``
+    names (``for_mode``: that mode's ``mode_overrides`` in force, e.g. AlphaEdit's L2 per mode)."""
     base_method, blue = METHODS[method]
-    return base.replace(base_method=base_method, blue=blue)
+    return base.replace(base_method=base_method).for_mode(blue)
 
 
 def _resolve_corpus(corpus: str) -> str:

@@ -218,7 +218,7 @@ def base_hparams(cfg: SpeedConfig, stats_dir: Optional[str]):
 
 def method_hparams(hp, method: str):
     base, blue = OUR_METHODS[method]
-    return hp.replace(base_method=base, blue=blue)
+    return hp.replace(base_method=base).for_mode(blue)
 
 
 def ours_for_base(base: str, methods: Sequence[str]) -> list[str]:
