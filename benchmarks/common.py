@@ -21,10 +21,49 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: The embedded model, its configuration and the CounterFact file the benchmarks use by default.
+#: The embedded model, its configuration and the dataset (a :mod:`blue_plugin.datafiles` name)
+#: the benchmarks use by default.
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
-DEFAULT_CF_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+DEFAULT_DATA_NAME = "counterfact"
+
+
+def default_data(name: str = DEFAULT_DATA_NAME, download: bool = True) -> Path:
+    """The dataset ``name`` resolved now by :func:`blue_plugin.datafiles.resolve_data`
+    ($BLUE_PLUGIN_DATA, the cache, then a download); call it at run time, never at import."""
+    from blue_plugin.datafiles import resolve_data
+
+    return resolve_data(name, download=download)
+
+
+def resolve_data_arg(value: str | os.PathLike | None, default: str = DEFAULT_DATA_NAME,
+                     download: bool = True) -> Path:
+    """A ``--data`` value as a path: None means the dataset ``default``; a dataset name
+    (``counterfact``, ``zsre``) is resolved; a relative path that does not exist from the current
+    directory is tried relative to the repository root.
+
+    Raises:
+        blue_plugin.datafiles.DataFileNotFound: the file is nowhere (the message says where it looked).
+    """
+    from blue_plugin.datafiles import resolve_data
+
+    if value is None:
+        return default_data(default, download)
+    p = Path(os.path.expanduser(str(value)))
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).is_file():
+        return (REPO_ROOT / p).resolve()
+    return resolve_data(value, download=download)
+
+
+def __getattr__(name: str) -> Any:
+    """``DEFAULT_CF_DATA`` (kept for older scripts): where CounterFact is now without downloading,
+    else where ``python -m blue_plugin.datafiles fetch counterfact`` puts it. Computed on access, so
+    importing this module never depends on the file."""
+    if name == "DEFAULT_CF_DATA":
+        from blue_plugin.datafiles import DATASETS, cache_dir, locate
+
+        return locate(DEFAULT_DATA_NAME) or cache_dir() / DATASETS[DEFAULT_DATA_NAME].relpath
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------

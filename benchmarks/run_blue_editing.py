@@ -4,11 +4,13 @@ Example (CPU, embedded SmolLM2, 20 CounterFact cases in sequential batches of 10
 
     python benchmarks/run_blue_editing.py --editing_method BLUE \\
         --hparams_dir hparams/BLUE/smollm2-135m.yaml \\
-        --data_dir ../shared/data/counterfact/counterfact-edit.json --data_type CF \\
+        --data_dir counterfact --data_type CF \\
         --ds_size 20 --batch_size 10 --sequential_edit \\
         --easyedit_root /path/to/EasyEdit --output_dir benchmarks/results
 
-Data (``--data_dir`` is a JSON file, or a folder holding one of the usual file names):
+Data (``--data_dir`` is a JSON file, a folder holding one of the usual file names, or a dataset name
+of :mod:`blue_plugin.datafiles`, ``counterfact`` / ``zsre``; without it ``CF`` and ``ZsRE`` use
+those datasets, found via ``$BLUE_PLUGIN_DATA`` or the cache, else downloaded; see docs/data.md):
 
 * ``CF`` / ``MCF``: EasyEdit's CounterFact (``counterfact-edit.json``, read with EasyEdit's
   ``CounterFactDataset``) or the ROME/MEMIT schema (``counterfact.json``,
@@ -55,9 +57,23 @@ ACCEPTED_FORMATS = {"CF": ("counterfact", "counterfact_rome"), "MCF": ("counterf
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def resolve_data_file(data_dir: str | os.PathLike, data_type: str) -> Path:
-    """``data_dir`` itself when it is a file, else the first usual file name for ``data_type`` in it."""
+#: --data_type -> the blue_plugin.datafiles dataset used when --data_dir is not given
+DEFAULT_DATASETS = {"CF": "counterfact", "ZsRE": "zsre"}
+
+
+def resolve_data_file(data_dir: str | os.PathLike | None, data_type: str) -> Path:
+    """``data_dir`` itself when it is a file, else the first usual file name for ``data_type`` in it;
+    a dataset name, or None (the default dataset of ``data_type``), goes through
+    :func:`blue_plugin.datafiles.resolve_data`."""
+    from blue_plugin.datafiles import get_spec, resolve_data
+
+    if data_dir is None:
+        if data_type not in DEFAULT_DATASETS:
+            raise ValueError(f"--data_type {data_type} has no default dataset; pass --data_dir")
+        return resolve_data(DEFAULT_DATASETS[data_type])
     path = Path(data_dir)
+    if not path.exists() and get_spec(str(data_dir)) is not None:
+        return resolve_data(str(data_dir))
     if path.is_file():
         return path
     if not path.is_dir():
@@ -259,7 +275,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--editing_method", default="BLUE", choices=["BLUE"], help="Only BLUE (use --base_method / --blue off for the originals).")
     p.add_argument("--hparams_dir", required=True, help="BLUE YAML file, e.g. hparams/BLUE/llama3-8b.yaml.")
-    p.add_argument("--data_dir", required=True, help="Dataset JSON file, or a folder containing one (see the module docstring).")
+    p.add_argument("--data_dir", default=None,
+                   help="Dataset JSON file, a folder containing one, or a dataset name (counterfact, zsre); "
+                        "default: the --data_type's dataset (see the module docstring).")
     p.add_argument("--data_type", required=True, choices=["CF", "MCF", "ZsRE"])
     p.add_argument("--ds_size", type=int, default=None, help="Use the first N cases (default: all).")
     p.add_argument("--batch_size", type=int, default=None, help="Edits per batch (overrides the YAML); 1 = editor.edit.")

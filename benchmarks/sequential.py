@@ -29,9 +29,9 @@ into ``comparison.md`` / ``comparison.json``.
 
 Examples::
 
-    python -m benchmarks.sequential --data ../shared/data/counterfact/counterfact-edit.json \\
+    python -m benchmarks.sequential --data counterfact \\
         --methods MEMIT,MEMIT_BLUE --n 20 --batch-size 5 --seed 0 --out /tmp/seq-cf
-    python benchmarks/sequential.py --data ../shared/data/zsre/zsre_mend_eval_portability_gpt4.json \\
+    python benchmarks/sequential.py --data zsre \\
         --methods AlphaEdit,AlphaEdit_BLUE --n 200 --batch-size 20 --eval-every 40 --out /tmp/seq-zsre \\
         --model /models/smollm2-hf --device cuda
     python -m benchmarks.sequential --compare /tmp/seq-cf /tmp/seq-zsre --out /tmp/seq-all
@@ -66,6 +66,7 @@ from benchmarks.common import (
     peak_rss_mib,
     read_json,
     reset_peak_rss,
+    resolve_data_arg,
     versions,
     write_json,
 )
@@ -132,7 +133,7 @@ def method_hparams(base, method: str):
 
 def _resolve_corpus(corpus: str) -> str:
     """A relative corpus path that does not exist from the current directory is tried relative to
-    the repository root (the YAMLs name ``../shared/data/...`` relative to it)."""
+    the repository root (a YAML may name its corpus relative to it)."""
     p = Path(os.path.expanduser(corpus))
     if p.is_absolute() or p.exists():
         return str(p.resolve()) if p.exists() else corpus
@@ -576,7 +577,8 @@ def run_benchmark(
     """Run the sequential editing benchmark and write its outputs to ``out``.
 
     Args:
-        data: dataset JSON (EasyEdit / ROME CounterFact, CounterFact templates or zsRE).
+        data: dataset JSON (EasyEdit / ROME CounterFact, CounterFact templates or zsRE), or a
+            dataset name (``counterfact``, ``zsre``) resolved by :mod:`blue_plugin.datafiles`.
         methods: names of :data:`METHODS` (list or comma-separated string).
         n, batch_size: edit the first ``n`` cases, ``batch_size`` per batch (the last batch may be
             smaller).
@@ -636,7 +638,7 @@ def run_benchmark(
 
     t_run = time.perf_counter()
     out = Path(out)
-    data_path = Path(data).resolve()
+    data_path = resolve_data_arg(data).resolve()
     fmt, cases = load_cases(data_path, n)
     base_hp = build_base_hparams(hparams, batch_size, seed, mom2_n_samples, steps, stats_dir, overrides)
 
@@ -1050,7 +1052,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Methods: " + ", ".join(METHODS),
     )
-    p.add_argument("--data", help="dataset JSON (CounterFact EasyEdit/ROME format, or zsRE); format detected")
+    p.add_argument("--data", help="dataset JSON (CounterFact EasyEdit/ROME format, or zsRE; format detected), or a "
+                   "dataset name: counterfact, zsre (found via $BLUE_PLUGIN_DATA or the cache, else downloaded)")
     p.add_argument("--methods", help="comma-separated, e.g. MEMIT,MEMIT_BLUE,AlphaEdit,AlphaEdit_BLUE")
     p.add_argument("--n", type=int, help="number of edits (the first N cases of the file)")
     p.add_argument("--batch-size", type=int, help="edits per batch B")

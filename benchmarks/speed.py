@@ -89,7 +89,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.common import REPO_ROOT, machine_info, peak_rss_mib, reset_peak_rss, versions, write_json
+from benchmarks.common import REPO_ROOT, machine_info, peak_rss_mib, reset_peak_rss, resolve_data_arg, versions, write_json
 
 logger = logging.getLogger("benchmarks.speed")
 
@@ -103,7 +103,7 @@ OUR_METHODS: dict[str, tuple[str, bool]] = {
 }
 #: EasyEdit's algorithms this benchmark runs.
 EE_METHODS = ("MEMIT", "AlphaEdit")
-DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit.json"
+DEFAULT_DATA = None  # None: the "counterfact" dataset of blue_plugin.datafiles, resolved when the run starts
 DEFAULT_HPARAMS = REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
 #: The issue's targets, used for the "target" column of the table.
 TARGETS = {
@@ -130,7 +130,7 @@ class SpeedConfig:
 
     model: str = "smollm2-135m"
     hparams: str = str(DEFAULT_HPARAMS)
-    data: str = DEFAULT_DATA
+    data: Optional[str] = DEFAULT_DATA
     n: int = 10
     batch_size: int = 10
     reps: int = 2
@@ -196,7 +196,7 @@ class SpeedConfig:
 
 def resolve_repo_path(path: str) -> str:
     """A relative path that does not exist from the current directory is tried relative to the
-    repository root (the defaults name ``../shared/data/...`` relative to it)."""
+    repository root (the default YAML is named relative to it)."""
     p = Path(os.path.expanduser(path))
     if p.exists():
         return str(p.resolve())
@@ -408,7 +408,7 @@ class _WorkerBase:
         self.editor0 = Editor(model, tok, self.hp.replace(blue=False))
         self.layers = list(self.hp.layers)
         self.originals = {l: self.editor0.weight(l).detach().clone() for l in self.layers}
-        self.fmt, self.cases = load_cases(resolve_repo_path(cfg.data), cfg.n_cases)
+        self.fmt, self.cases = load_cases(resolve_data_arg(cfg.data), cfg.n_cases)
         if len(self.cases) < cfg.n_cases:
             raise ValueError(f"{cfg.data} has only {len(self.cases)} cases; the run needs {cfg.n_cases}")
         self.counter = TokenCounter(base_module(model))
@@ -1271,7 +1271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ee-python", default=None, help="Python for the EasyEdit worker process (default: this one)")
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
     p.add_argument("--hparams", default=str(DEFAULT_HPARAMS.relative_to(REPO_ROOT)), help="our YAML (default: SmolLM2's)")
-    p.add_argument("--data", default=DEFAULT_DATA, help="CounterFact JSON (the first N cases are edited)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="CounterFact JSON or a dataset name (default: counterfact, see docs/data.md); the first N cases are edited")
     p.add_argument("--n", type=int, default=10, help="edits per repetition (default 10)")
     p.add_argument("--batch-size", type=int, default=10, help="edits per batch B (default 10)")
     p.add_argument("--reps", type=int, default=2, help="repetitions of the timed edits (default 2)")
@@ -1307,7 +1308,7 @@ def config_from_args(args: argparse.Namespace) -> SpeedConfig:
 
     root = args.easyedit_root or os.environ.get("EASYEDIT_ROOT") or None
     return SpeedConfig(
-        model=args.model, hparams=resolve_repo_path(args.hparams), data=args.data, n=args.n,
+        model=args.model, hparams=resolve_repo_path(args.hparams), data=str(resolve_data_arg(args.data)), n=args.n,
         batch_size=args.batch_size, reps=args.reps, methods=args.methods, ee_methods=args.ee_methods,
         easyedit_root=root, ee_python=args.ee_python, mom2_n_samples=args.mom2_n_samples, corpus=args.corpus,
         steps=args.steps, overrides=parse_overrides(args.set), scaling=args.scaling,

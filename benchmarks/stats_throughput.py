@@ -26,7 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "stats_throughput"
-CORPUS = "/work/shared/data/corpus/wordnet-glosses.txt"
+#: Default corpus: the ``wordnet-glosses`` dataset of blue_plugin.datafiles ($BLUE_PLUGIN_DATA or the cache),
+#: resolved when the benchmark runs.
+CORPUS = "wordnet-glosses"
 NOTES = [
     "Notes: a rank's time is its accumulation pass only; each launch also spends ~15-25 s on "
     "start-up (measured 15-21 s here: imports, loading the model in every process), which is why the wall times of 1 and "
@@ -129,7 +131,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default="4,8")
     p.add_argument("--n-samples", type=int, default=1000)
-    p.add_argument("--corpus", default=CORPUS)
+    p.add_argument("--corpus", default=CORPUS, help="corpus text file, or a dataset name (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=str(OUT))
@@ -141,6 +143,9 @@ def main() -> int:
         (out / "README.md").write_text(markdown(res), encoding="utf-8")
         return 0
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    from blue_plugin.datafiles import resolve_data
+
+    args.corpus = str(resolve_data(args.corpus))
 
     import torch
 

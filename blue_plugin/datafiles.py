@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("blue_plugin.datafiles")  # the same name when run with -m
 
 DATA_ENV = "BLUE_PLUGIN_DATA"
 CACHE_ENV = "BLUE_PLUGIN_CACHE"

@@ -7,15 +7,22 @@ from pathlib import Path
 import pytest
 
 from blue_plugin.data import EditCase, detect_format, load_cases, records_to_cases
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CF = DATA / "counterfact"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not available")
+from blue_plugin.datafiles import fetch_command, get_spec, locate
 
 
-@needs_data
+def data_file(name: str) -> Path:
+    """A dataset (name or relative path) found by :mod:`blue_plugin.datafiles` without downloading;
+    the test is skipped when it is nowhere."""
+    path = locate(name)
+    if path is None:
+        spec = get_spec(name)
+        fetch = f", or run `{fetch_command(spec.name)}`" if spec is not None and spec.url else ""
+        pytest.skip(f"{name} not found: set BLUE_PLUGIN_DATA to the data folder{fetch} (docs/data.md)")
+    return path
+
+
 def test_counterfact_easyedit():
-    fmt, cases = load_cases(CF / "counterfact-edit.json", n=3)
+    fmt, cases = load_cases(data_file("counterfact"), n=3)
     assert fmt == "counterfact"
     assert [c.case_id for c in cases] == [0, 1, 4]
     c = cases[0]
@@ -31,16 +38,14 @@ def test_counterfact_easyedit():
     }
 
 
-@needs_data
 def test_counterfact_full_file_loads():
-    fmt, cases = load_cases(CF / "counterfact-edit.json")
+    fmt, cases = load_cases(data_file("counterfact"))
     assert fmt == "counterfact" and len(cases) == 10_000
     assert all(c.subject in c.prompt for c in cases)
 
 
-@needs_data
 def test_counterfact_templates():
-    fmt, cases = load_cases(CF / "counterfact-templates-1k.json")
+    fmt, cases = load_cases(data_file("counterfact/counterfact-templates-1k.json"))
     assert fmt == "counterfact_templates" and len(cases) == 1000
     c = cases[0]
     assert c.case_id == "0"
@@ -52,12 +57,12 @@ def test_counterfact_templates():
     assert all("{}" not in x.prompt for x in cases)
 
 
-@needs_data
 @pytest.mark.parametrize("name", ["rome_format_most_orthogonal.json", "rome_format_least_orthogonal.json"])
 def test_counterfact_rome(name):
-    fmt, cases = load_cases(CF / name)
+    path = data_file(f"counterfact/{name}")
+    fmt, cases = load_cases(path)
     assert fmt == "counterfact_rome" and len(cases) == 10
-    raw = json.loads((CF / name).read_text())
+    raw = json.loads(path.read_text())
     for c, r in zip(cases, raw):
         rw = r["requested_rewrite"]
         assert c.prompt == rw["prompt"].format(rw["subject"])
@@ -72,9 +77,8 @@ def test_counterfact_rome(name):
     assert cases[0].prompt == first[name]
 
 
-@needs_data
 def test_zsre():
-    fmt, cases = load_cases(DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json")
+    fmt, cases = load_cases(data_file("zsre"))
     assert fmt == "zsre" and len(cases) == 1037
     c = cases[0]
     assert c.case_id == 0 and cases[5].case_id == 5

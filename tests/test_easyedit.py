@@ -27,11 +27,12 @@ import pytest
 import torch
 
 from blue_plugin import easyedit as E
+from blue_plugin.datafiles import fetch_command, locate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-CORPUS = SHARED_DATA / "corpus" / "wordnet-glosses.txt"
-CF_FILE = SHARED_DATA / "counterfact" / "counterfact-edit.json"
+# found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
+CORPUS = locate("wordnet-glosses")
+CF_FILE = locate("counterfact")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,8 +315,9 @@ def _test_hparams(**changes):
     mom2_update_weight 1500 makes single edits take reliably on this 135M model."""
     from blue_plugin.hparams import BLUEHyperParams
 
-    if not CORPUS.is_file():
-        pytest.skip(f"corpus for the key statistics not found: {CORPUS}")
+    if CORPUS is None:
+        pytest.skip("corpus for the key statistics (corpus/wordnet-glosses.txt) not found: set BLUE_PLUGIN_DATA "
+                    "to the data folder (docs/data.md)")
     hp = BLUEHyperParams.from_hparams(REPO_ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml")
     base = dict(
         device="cpu",
@@ -330,10 +332,15 @@ def _test_hparams(**changes):
     return hp.replace(**base)
 
 
+def _cf_file() -> Path:
+    if CF_FILE is None:
+        pytest.skip(f"CounterFact file not found: set BLUE_PLUGIN_DATA to the data folder or run "
+                    f"`{fetch_command('counterfact')}` (docs/data.md)")
+    return CF_FILE
+
+
 def _cf_cases(n: int) -> list[dict]:
-    if not CF_FILE.is_file():
-        pytest.skip(f"CounterFact file not found: {CF_FILE}")
-    with open(CF_FILE, encoding="utf-8") as fh:
+    with open(_cf_file(), encoding="utf-8") as fh:
         return json.load(fh)[:n]
 
 
@@ -446,7 +453,7 @@ class TestRealEasyEdit:
 
         yaml_path.write_text(yaml.safe_dump({f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)}))
         result = runner.main([
-            "--editing_method", "BLUE", "--hparams_dir", str(yaml_path), "--data_dir", str(CF_FILE),
+            "--editing_method", "BLUE", "--hparams_dir", str(yaml_path), "--data_dir", str(_cf_file()),
             "--data_type", "CF", "--ds_size", "1", "--batch_size", "1", "--sequential_edit",
             "--output_dir", str(tmp_path / "out"), "--easyedit_root", easyedit.root,
         ])
@@ -455,7 +462,7 @@ class TestRealEasyEdit:
         assert result["summary"]["post"]["rewrite_acc"] == 1.0
 
         editor, _ = editor_factory(batch_size=1)
-        data = runner.load_edit_data(CF_FILE, "CF", 1)
+        data = runner.load_edit_data(_cf_file(), "CF", 1)
         direct = runner.summarize(runner.run_edits(editor, data, editor.hparams, sequential_edit=True))
         print(f"runner summary {result['summary']}\ndirect summary {direct}")
         assert result["summary"]["post"]["rewrite_acc"] == pytest.approx(direct["post"]["rewrite_acc"], abs=1e-9)

@@ -19,15 +19,17 @@ import torch
 import yaml
 
 from benchmarks import sequential as seq
+from blue_plugin.datafiles import locate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data"
-CF = DATA / "counterfact" / "counterfact-edit.json"
-ZSRE = DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"
-CORPUS = DATA / "corpus" / "wordnet-glosses.txt"
+# found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
+CF = locate("counterfact")
+ZSRE = locate("zsre")
+CORPUS = locate("wordnet-glosses")
 
-needs_data = pytest.mark.skipif(not (CF.is_file() and ZSRE.is_file() and CORPUS.is_file()),
-                                reason="../shared/data is not available")
+needs_data = pytest.mark.skipif(
+    CF is None or ZSRE is None or CORPUS is None,
+    reason="CounterFact, zsRE or the WordNet corpus not found: set BLUE_PLUGIN_DATA to the data folder (docs/data.md)")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +51,7 @@ def test_method_hparams_switch_only_base_and_blue():
         assert (hp.base_method, hp.blue, hp.batch_size, hp.seed) == (bm, blue, 3, 7)
         assert hp.layers == base.layers and hp.L2 == base.L2
     # the YAML's relative corpus path is resolved against the repository root
-    if CORPUS.is_file():
+    if CORPUS is not None:
         assert Path(base.mom2_dataset).resolve() == CORPUS.resolve()
 
 

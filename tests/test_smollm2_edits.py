@@ -19,21 +19,21 @@ BLUE's second boundary layer makes up for the first layer's unfinished targets.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from blue_plugin import BLUEHyperParams, apply_blue_to_model
+from blue_plugin.datafiles import locate
 from blue_plugin.metrics import answer_nll
 from blue_plugin.state import EditState
 from tests.tiny import restore
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("BLUE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
-CORPUS = DATA / "corpus" / "wordnet-glosses.txt"
+# found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
+COUNTERFACT = locate("counterfact")
+CORPUS = locate("wordnet-glosses")
 HPARAMS = ROOT / "hparams" / "BLUE" / "smollm2-135m.yaml"
 N_CASES = 5
 N_STEPS = 10
@@ -46,8 +46,8 @@ def edit_setup(smollm2, tmp_path_factory):
     """Model, tokenizer, hyperparameters, requests, the original weights, the unedited
     model's efficacy, and one EditState for the module (the fixture model's own state is left
     alone; C0 and the context prefixes are computed once and reused by all methods)."""
-    if not COUNTERFACT.is_file() or not CORPUS.is_file():
-        pytest.skip(f"shared data not found under {DATA} (set BLUE_SHARED_DATA)")
+    if COUNTERFACT is None or CORPUS is None:
+        pytest.skip("CounterFact or the WordNet corpus not found: set BLUE_PLUGIN_DATA to the data folder (docs/data.md)")
     model, tok = smollm2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared CPU: more threads cost more CPU time than they save here
