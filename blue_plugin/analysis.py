@@ -106,7 +106,7 @@ def keys_at(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Keys (n, d_in) at ``key_layers`` and block outputs h (n, d_model) at ``out_layers``."""
     rows = key_rows(editor.tok, reqs, prefixes, editor.hp.fact_token)
-    return keys_and_outputs(editor.model, editor.tok, editor.layout, rows, len(reqs), len(prefixes), key_layers, out_layers)
+    return keys_and_outputs(editor.model, editor.tok, editor.layout, rows, len(reqs), prefixes, key_layers, out_layers)
 
 
 @torch.no_grad()
@@ -114,7 +114,10 @@ def layer_update(editor: Editor, layer: int, K: torch.Tensor, R: torch.Tensor) -
     """The change ``W_new - W`` (d_out, d_in; solve dtype, on the weight's device) that the
     engine's rule would make to ``layer`` for keys ``K`` (n, d_in) and residuals ``R`` (n, d_out),
     with the state's ``C0``, accumulated ``K_p K_p^T`` (if the rule uses it), AlphaEdit projector and
-    PRUNE original. Nothing is written. ``C0`` must be loaded (:meth:`Editor.ensure_second_moments`)."""
+    PRUNE original: the update the layers after it see during the walk (RECT with
+    ``rect_mask_timing: batch`` masks it only when the batch is written, PRUNE with
+    ``prune_timing: sequence`` restrains only the served weights). Nothing is written. ``C0`` must
+    be loaded (:meth:`Editor.ensure_second_moments`)."""
     module, stored = editor.module(layer), editor.weight(layer)
     dev, sd = stored.device, editor.solve_dtype
     W = as_out_in(module, stored).to(sd)

@@ -8,26 +8,30 @@ BLUE (``blue: true``): for l in (l_1, l_m), in that order, compute z_l at layer 
 
 A batch is all-or-nothing: the new weights are checked before they are written, and any error
 restores the edited matrices bit-for-bit and leaves the sequential state untouched.
+
+Whole-batch and whole-sequence rules (:mod:`blue_plugin.rules`): RECT masks each layer's update
+when the batch is written; PRUNE runs the sequence unrestrained (kept in the state) and serves
+``W_orig + restrain(W - W_orig)`` after every call (:meth:`Editor.finalize` is implicit).
 """
 from __future__ import annotations
 
 import copy as copy_module
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 
 from .arch import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
-from .contexts import generate_prefixes
+from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from .errors import BLUEConfigError, BLUEEditError
 from .hooks import frozen
 from .hparams import BLUEHyperParams
 from .keys import keys_and_outputs
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule, null_space_projector
-from .state import EditState, check_finite_parameters, fingerprint, get_state
+from .state import EditState, check_finite_parameters, fingerprint, get_state, serve_restrained
 from .targets import TargetResult, compute_targets
 
 logger = logging.getLogger(__name__)
@@ -40,8 +44,10 @@ class _Pending:
     """Changes of one batch, applied to the state only once the whole batch has succeeded."""
 
     kkt: dict[int, torch.Tensor]
-    originals: dict[int, torch.Tensor]
+    originals: dict[int, torch.Tensor]  # stored weights before the batch of every layer it may write
     layer_init: dict[int, dict[str, Any]]  # first-edit facts of a layer (fingerprint, PRUNE original)
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)  # the batch's dense update (RECT 'batch')
+    unrestrained: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # PRUNE 'sequence'
 
 
 class Editor:
@@ -69,10 +75,15 @@ class Editor:
         return as_out_in(self.module(layer), self.weight(layer))
 
     # ---- cached, model-constant inputs ------------------------------------------------------
-    def prefixes(self) -> list[str]:
-        key = (tuple(map(tuple, self.hp.context_template_length_params)), self.hp.seed)
-        if key not in self.state.prefixes:
-            self.state.prefixes[key] = generate_prefixes(self.model, self.tok, self.hp.context_template_length_params, self.hp.seed)
+    def prefixes(self) -> ContextPrefixes:
+        """The context prefixes with their groups (generated once, cached in the state; a plain
+        list found there is grouped by ``context_template_length_params``)."""
+        params = self.hp.context_template_length_params
+        key = (tuple(map(tuple, params)), self.hp.seed)
+        cached = self.state.prefixes.get(key)
+        if cached is None:
+            cached = generate_prefixes(self.model, self.tok, params, self.hp.seed)
+        self.state.prefixes[key] = with_groups(cached, params)
         return self.state.prefixes[key]
 
     def _c0_key(self, layer: int) -> tuple:
@@ -152,32 +163,34 @@ class Editor:
         self.ensure_second_moments(candidates)
         prefixes = self.prefixes()
         check_rows_fit(self.tok, reqs, prefixes, self.hp.fact_token, position_limit(self.model))
-        selection: Optional[dict] = None
-        if dynamic:
-            selection = {}
-            layers = sorted(set(choose_boundary_layers(self, reqs, prefixes, criterion=self.hp.dynamic_criterion, details=selection)))
-        else:
-            layers = candidates
-        pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in layers}, layer_init={})
+        resumed = self.state.unrestrained_layers() if self.rule.restrains_sequence(self.hp) else []
+        pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in resumed}, layer_init={})
         record: dict[str, Any] = {
             "n_requests": len(reqs),
             "case_ids": [r.case_id for r in reqs],
             "mode": "BLUE" if self.hp.blue else "original",
             "base_method": self.hp.base_method,
-            "layers": layers,
+            "layers": [],
             "steps": {},
             "nll": {},
             "residual_norm": {},
             "time": {"targets": 0.0, "keys": 0.0, "update": 0.0},
         }
-        if selection is not None:
-            record["layer_selection"] = selection
         try:
+            self._restore({l: self.state.layers[l].W_unrestrained for l in resumed})  # PRUNE: continue unrestrained
+            layers = candidates
+            if dynamic:
+                sel = record["layer_selection"] = {}
+                layers = sorted(set(choose_boundary_layers(self, reqs, prefixes, criterion=self.hp.dynamic_criterion, details=sel)))
+            record["layers"] = layers
+            for l in layers:
+                pending.originals.setdefault(l, self.weight(l).detach().clone())
             with frozen(self.model):
                 if self.hp.blue:
                     self._run_blue(reqs, prefixes, layers, pending, record)
                 else:
                     self._run_original(reqs, prefixes, layers, pending, record)
+            self._write_batch(layers, pending, record)
         except BaseException:
             self._restore(pending.originals)
             raise
@@ -191,7 +204,7 @@ class Editor:
         )
         if not return_orig_weights:
             return {}
-        return {self.layout.weight_name(l): W for l, W in pending.originals.items()}
+        return {self.layout.weight_name(l): pending.originals[l] for l in layers}
 
     def _targets(self, reqs: list[EditRequest], prefixes: list[str], layer: int, record: dict) -> TargetResult:
         t0 = time.perf_counter()
@@ -206,7 +219,7 @@ class Editor:
     def _keys(self, reqs, prefixes, key_layer: int, out_layer: int, record: dict):
         t0 = time.perf_counter()
         rows = key_rows(self.tok, reqs, prefixes, self.hp.fact_token)
-        keys, outs = keys_and_outputs(self.model, self.tok, self.layout, rows, len(reqs), len(prefixes), [key_layer], [out_layer])
+        keys, outs = keys_and_outputs(self.model, self.tok, self.layout, rows, len(reqs), prefixes, [key_layer], [out_layer])
         record["time"]["keys"] += time.perf_counter() - t0
         return keys[key_layer], outs[out_layer]
 
@@ -240,19 +253,13 @@ class Editor:
         init = pending.layer_init.setdefault(layer, {})
         if (ls is None or ls.orig_fp is None) and "orig_fp" not in init:
             init["orig_fp"] = fingerprint(pending.originals[layer])
-        W_orig, sigma_max = (ls.W_orig, ls.sigma_max) if ls is not None else (None, None)
-        if self.rule.needs_original and W_orig is None:
-            if "W_orig" not in init:
-                init["W_orig"] = as_out_in(module, pending.originals[layer].to(sd))
-                init["sigma_max"] = float(torch.linalg.matrix_norm(init["W_orig"], ord=2))
-            W_orig, sigma_max = init["W_orig"], init["sigma_max"]
-        kpkp = ls.kpkp if ls is not None else None
+        W_orig, sigma_max = self._original(layer, pending) if self.rule.needs_original else (None, None)
         x = LayerInputs(
             W=W,
             K=Kt,
             R=Rt,
             C0=self.C0(layer),
-            KpKp=kpkp if self.rule.uses_kpkp(self.hp) else None,
+            KpKp=ls.kpkp if ls is not None and self.rule.uses_kpkp(self.hp) else None,
             P=self.projector(layer) if self.rule.needs_projector else None,
             W_orig=W_orig,
             sigma_max=sigma_max,
@@ -265,21 +272,68 @@ class Editor:
                     "and the statistics); nothing was changed."
                 )
             W_new, info = self.rule.finalize_with_info(W + delta, x, self.hp)
-            if info is not None:  # PRUNE: the accumulated change against its bound
+            if info is not None:  # PRUNE per batch: the accumulated change against its bound
                 record.setdefault("change_sigma", {})[layer] = info
         except torch.linalg.LinAlgError as exc:
             raise BLUEEditError(f"layer {layer}: the {self.hp.base_method} solve failed ({exc}); nothing was changed.") from exc
-        if W_new.shape != W.shape:
-            raise BLUEEditError(f"layer {layer}: update has shape {tuple(W_new.shape)}, expected {tuple(W.shape)}.")
+        self._write(layer, W_new)
+        if self.rule.adjusts_batch(self.hp):
+            pending.dense[layer] = pending.dense.get(layer, 0) + (W_new - W)
+        pending.kkt[layer] = pending.kkt.get(layer, 0) + Kt @ Kt.T
+        record["residual_norm"][layer] = R.norm(dim=1).tolist()
+        record.setdefault("delta_norm", {})[layer] = float((W_new - W).norm())
+        record["time"]["update"] += time.perf_counter() - t0
+
+    def _original(self, layer: int, pending: _Pending) -> tuple[torch.Tensor, float]:
+        """PRUNE's W_orig (d_out, d_in; solve dtype) and sigma_max (state, or this first batch)."""
+        ls = self.state.layers.get(layer)
+        if ls is not None and ls.W_orig is not None:
+            return ls.W_orig, ls.sigma_max
+        init = pending.layer_init.setdefault(layer, {})
+        if "W_orig" not in init:
+            init["W_orig"] = as_out_in(self.module(layer), pending.originals[layer].to(self.solve_dtype))
+            init["sigma_max"] = float(torch.linalg.matrix_norm(init["W_orig"], ord=2))
+        return init["W_orig"], init["sigma_max"]
+
+    def _write(self, layer: int, W_new: torch.Tensor) -> None:
+        """Write ``W_new`` (d_out, d_in) into the stored weight of ``layer`` (checked first)."""
+        module, stored = self.module(layer), self.weight(layer)
+        if W_new.shape != (shape := as_out_in(module, stored).shape):
+            raise BLUEEditError(f"layer {layer}: update has shape {tuple(W_new.shape)}, expected {tuple(shape)}.")
         new_stored = from_out_in(module, W_new).to(stored.dtype)
         if not torch.isfinite(new_stored).all():
             raise BLUEEditError(f"layer {layer}: the update is not finite (check mom2_update_weight / L2 and the statistics); nothing was changed.")
         with torch.no_grad():
             stored.copy_(new_stored)
-        pending.kkt[layer] = pending.kkt.get(layer, 0) + Kt @ Kt.T
-        record["residual_norm"][layer] = R.norm(dim=1).tolist()
-        record.setdefault("delta_norm", {})[layer] = float((W_new - W).norm())
-        record["time"]["update"] += time.perf_counter() - t0
+
+    # ---- whole-batch and whole-sequence rules (RECT 'batch', PRUNE 'sequence') ----------------
+    def _write_batch(self, layers: Sequence[int], pending: _Pending, record: dict) -> None:
+        """After the walk: RECT's masked updates; PRUNE's served weights (unrestrained ones kept)."""
+        if self.rule.adjusts_batch(self.hp):
+            for l in layers:
+                W_before = as_out_in(self.module(l), pending.originals[l]).to(self.solve_dtype)
+                D = self.rule.batch_update(pending.dense[l], W_before, self.hp)
+                self._write(l, W_before + D)
+                record["delta_norm"][l] = float(D.norm())
+                record.setdefault("kept_fraction", {})[l] = float((D != 0).sum()) / D.numel()
+        if self.rule.restrains_sequence(self.hp):
+            for l in sorted(pending.originals):
+                if l not in layers:  # resumed, not edited by this batch: served weight and state stay
+                    with torch.no_grad():
+                        self.weight(l).copy_(pending.originals[l])
+                    continue
+                unrestrained = self.weight(l).detach().clone()
+                info = serve_restrained(self.module(l), unrestrained, *self._original(l, pending), self.solve_dtype)
+                record.setdefault("change_sigma", {})[l] = info
+                pending.unrestrained[l] = unrestrained if info["above"] else None
+
+    def finalize(self) -> dict[int, dict]:
+        """Serve ``W_orig + restrain(W - W_orig)`` for a PRUNE sequence (``prune_timing: sequence``;
+        :meth:`EditState.finalize <blue_plugin.state.EditState.finalize>`). :meth:`apply` leaves the
+        model so already; idempotent. Returns ``{layer: info}``; ``{}`` for other methods/timings."""
+        if not self.rule.restrains_sequence(self.hp):
+            return {}
+        return self.state.finalize(self.module, self.solve_dtype)
 
     def _restore(self, originals: dict[int, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -295,6 +349,11 @@ class Editor:
         for layer, kkt in pending.kkt.items():
             ls = self.state.layer(layer)
             ls.kpkp = kkt.clone() if ls.kpkp is None else ls.kpkp + kkt
+        if not self.rule.restrains_sequence(self.hp):  # another method goes on from the served weights
+            for ls in self.state.layers.values():
+                ls.W_unrestrained = None
+        for layer, W in pending.unrestrained.items():
+            self.state.layer(layer).W_unrestrained = W
         for layer in pending.originals:
             self.state.layer(layer).post_fp = fingerprint(self.weight(layer))
         self.state.n_edits += n

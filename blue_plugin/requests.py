@@ -175,8 +175,10 @@ def target_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], f
 
 
 def key_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], fact_token: str) -> list[Row]:
-    """Rows for keys and current outputs: every context prefix + prompt, for each request.
-    The first prefix must be the empty one (its row gives the current output h)."""
+    """Rows for keys and current outputs: every context prefix + prompt, for each request
+    (request-major, in the order of ``prefixes``, whose groups weight the keys: see
+    :func:`blue_plugin.keys.group_mean`). The first prefix must be the empty one (its row gives the
+    current output h)."""
     rows = []
     for j, req in enumerate(requests):
         for prefix in prefixes:

@@ -6,9 +6,17 @@ the inputs (the engine passes ``solve_dtype``, float64 by default).
 
 - MEMIT:     Delta = R K^T (lambda C0 + KpKp + K K^T)^-1
 - AlphaEdit: Delta^T = (P (K K^T + KpKp) + L2 I)^-1 P K R^T
-- RECT:      MEMIT's Delta, keeping only the top fraction of entries by |Delta| / |W|
-- PRUNE:     MEMIT's Delta, then the singular values of the accumulated change W_new - W_orig
-             above sigma_max(W_orig) are mapped to log(s) - log(sigma_max) + sigma_max
+- RECT:      MEMIT's Delta, keeping only the top fraction of entries by |Delta| / |W|: of each
+             layer's whole update of the batch when the batch is written (``rect_mask_timing:
+             batch``, the reference; the layers are walked with dense updates), or of each
+             layer's update before the next layer is computed (``layer``)
+- PRUNE:     MEMIT's Delta; the singular values of the accumulated change W_new - W_orig above
+             sigma_max(W_orig) are mapped to log(s) - log(sigma_max) + sigma_max, once for the
+             sequence (``prune_timing: sequence``, the reference; the engine serves the
+             restrained weights and continues from the unrestrained ones) or after every batch
+             and layer (``batch``)
+
+Which of them add earlier batches' K_p K_p^T is ``hp.accumulates_keys`` (see :meth:`UpdateRule.uses_kpkp`).
 """
 from __future__ import annotations
 
@@ -56,14 +64,18 @@ def rect_sparsify(delta: torch.Tensor, W: torch.Tensor, keep_fraction: float) ->
 
 def prune_restrain(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> torch.Tensor:
     """Restrain the singular values of the accumulated change W_new - W_orig that exceed
-    ``sigma_max`` (the largest singular value of W_orig)."""
-    return _prune(W_new, W_orig, sigma_max)[0]
+    ``sigma_max`` (the largest singular value of W_orig): ``W_orig + restrain(W_new - W_orig)``.
+
+    The BLUE repository's ``experiments/evaluate.py`` adds the restrained change to the already
+    edited weight (``W_new + restrain(W_new - W_orig)``, which counts the change twice); PRUNE's
+    definition, followed here, replaces the change by its restrained form."""
+    return prune_restrain_with_info(W_new, W_orig, sigma_max)[0]
 
 
-def _prune(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, dict]:
+def prune_restrain_with_info(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, dict]:
     """:func:`prune_restrain` plus, from the same SVD, how the accumulated change compares with
     the bound: ``max_over_sigma_max`` (its largest singular value / sigma_max) and ``above``
-    (how many singular values were restrained)."""
+    (how many singular values were restrained; when 0, ``W_new`` itself is returned)."""
     D = W_new - W_orig
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
     above = S > sigma_max
@@ -89,7 +101,10 @@ class LayerInputs:
 
 
 class UpdateRule:
-    """Base rule: ``delta`` computes the change of W; ``finalize`` may adjust the new weight."""
+    """Base rule: ``delta`` computes the change of W while the layers are walked; ``finalize``
+    may adjust each new weight at once; ``batch_update`` may adjust each layer's whole update of
+    the batch when the batch is written; ``restrains_sequence`` says whether the served weights
+    are a restrained form of the sequence's weights (PRUNE)."""
 
     name = "base"
     needs_projector = False
@@ -106,6 +121,23 @@ class UpdateRule:
         """``finalize`` plus what the rule wants recorded in the batch's history (or None)."""
         return W_new, None
 
+    def adjusts_batch(self, hp: BLUEHyperParams) -> bool:
+        """Whether :meth:`batch_update` changes anything (the engine skips it otherwise)."""
+        return False
+
+    def batch_update(self, D: torch.Tensor, W_before: torch.Tensor, hp: BLUEHyperParams) -> torch.Tensor:
+        """The update of a layer written with the batch, from ``D`` (d_out, d_in), the layer's
+        dense update of the whole batch, and ``W_before``, its weight before the batch."""
+        return D
+
+    def restrains_sequence(self, hp: BLUEHyperParams) -> bool:
+        """Whether the model serves ``restrain_sequence`` of the sequence's (unrestrained) weights."""
+        return False
+
+    def restrain_sequence(self, W: torch.Tensor, W_orig: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, Optional[dict]]:
+        """The served form of the sequence's weight ``W`` (d_out, d_in) and what to record."""
+        return W, None
+
     def uses_kpkp(self, hp: BLUEHyperParams) -> bool:
         return self.always_accumulates or hp.accumulates_keys
 
@@ -118,18 +150,53 @@ class MemitRule(UpdateRule):
 
 
 class RectRule(MemitRule):
+    """RECT as the BLUE evaluation runs it: MEMIT's update keeping only the ``rect_keep_fraction``
+    entries with the largest relative change |Delta| / |W|. ``rect_mask_timing: batch`` (the
+    reference): the layers are walked with dense updates (later layers, and in BLUE mode the
+    last layer's target, see the dense update of the first), and each layer's update of the batch
+    is masked, relative to its weight before the batch, when the batch is written. ``layer``:
+    each layer's update is masked before the next layer is computed."""
+
     name = "RECT"
 
     def delta(self, x, hp):
-        return rect_sparsify(super().delta(x, hp), x.W, hp.rect_keep_fraction)
+        delta = super().delta(x, hp)
+        return rect_sparsify(delta, x.W, hp.rect_keep_fraction) if hp.rect_mask_timing == "layer" else delta
+
+    def adjusts_batch(self, hp):
+        return hp.rect_mask_timing == "batch"
+
+    def batch_update(self, D, W_before, hp):
+        return rect_sparsify(D, W_before, hp.rect_keep_fraction) if self.adjusts_batch(hp) else D
 
 
 class PruneRule(MemitRule):
+    """PRUNE: MEMIT's update; the accumulated change W - W_orig has its singular values above
+    sigma_max(W_orig) restrained (:func:`prune_restrain`).
+
+    ``prune_timing: sequence`` (PRUNE's own code and the BLUE evaluation): the sequence runs as
+    plain MEMIT and the restraint applies once, to the change accumulated at its end. The engine
+    keeps the unrestrained weights in the edit state and serves ``W_orig + restrain(W - W_orig)``
+    after every call, so the model is final whenever it is evaluated, saved or exported, and
+    the next batch starts again from the unrestrained weights. ``batch``: every layer's new weight
+    is restrained when it is written (not idempotent: the restraint of later batches compounds).
+
+    Not copied: the BLUE repository's ``experiments/evaluate.py`` adds the restrained change to
+    the already edited weight (``W + restrain(W - W_orig)``), counting the change twice."""
+
     name = "PRUNE"
     needs_original = True
 
     def finalize_with_info(self, W_new, x, hp):
-        return _prune(W_new, x.W_orig, x.sigma_max)
+        if hp.prune_timing != "batch":
+            return W_new, None
+        return prune_restrain_with_info(W_new, x.W_orig, x.sigma_max)
+
+    def restrains_sequence(self, hp):
+        return hp.prune_timing == "sequence"
+
+    def restrain_sequence(self, W, W_orig, sigma_max):
+        return prune_restrain_with_info(W, W_orig, sigma_max)
 
 
 class AlphaEditRule(UpdateRule):

@@ -7,9 +7,12 @@
   interrupt) the edited weights and the edit state are put back bit-for-bit;
 * :meth:`EditSession.undo` restores the weights and the state from before the last batch(es)
   exactly (``undo_depth`` batches are kept, 1 by default);
+* :meth:`EditSession.finalize` serves the final weights of a PRUNE sequence (a no-op after every
+  batch, which serves them already; see :meth:`blue_plugin.engine.Editor.finalize`);
 * :meth:`EditSession.save` writes, atomically, everything needed to continue later: the edit
-  state (accumulated K_p K_p^T per layer, PRUNE's originals and sigma_max, weight fingerprints,
-  history, edit count, context prefixes) and the current values of the edited matrices, in one
+  state (accumulated K_p K_p^T per layer, PRUNE's originals, sigma_max and unrestrained weights,
+  weight fingerprints, history, edit count, context prefixes) and the current (served) values of
+  the edited matrices, in one
   safetensors file, plus a JSON manifest (hyperparameters, batch count, model identity, sha256
   of the tensor file);
 * :meth:`EditSession.load` puts a saved session onto a freshly loaded, *unedited* model after
@@ -273,6 +276,13 @@ class EditSession:
         self._put_back(weights, snapshot)
         self.n_batches = n_batches
         logger.info("undid batch %d; %d edit(s) remain", n_batches + 1, self.state.n_edits)
+
+    def finalize(self) -> dict[int, dict]:
+        """Serve ``W_orig + restrain(W - W_orig)`` for a PRUNE sequence (``prune_timing: sequence``)
+        and return the restraint info per layer (``{}`` for other methods). Every batch leaves
+        the model so already, so this is idempotent and changes nothing after :meth:`edit`; the
+        state keeps the unrestrained weights, and later batches continue from them."""
+        return Editor(self.model, self.tok, self.hparams, self.state).finalize()
 
     # ---- persistence -----------------------------------------------------------------------
     def _edited_layers(self) -> list[int]:

@@ -1,21 +1,25 @@
 """Sequential editing state, held in an explicit object attached to the model.
 
-Per edited layer it keeps the accumulated K_p K_p^T of earlier batches, and it caches what only
-depends on the unedited model: the key second moment C0, AlphaEdit's null-space projector P,
-PRUNE's original weight and its largest singular value, and the context prefixes.
+Per edited layer it keeps the accumulated K_p K_p^T of earlier batches and, for PRUNE restrained
+once per sequence (``prune_timing: sequence``), the unrestrained weights the sequence continues
+from (the model serves the restrained ones); and it caches what only depends on the unedited
+model: the key second moment C0, AlphaEdit's null-space projector P, PRUNE's original weight and
+its largest singular value, and the context prefixes (with their groups).
 
 The state notices when the edited weights were changed outside the plugin (for example EasyEdit
 restoring the weights after a non-sequential edit): if they are back at their original values, the
 accumulated edit history is dropped, so non-sequential edits never leak into each other.
 
 Persistence: :meth:`EditState.to_tensors` / :meth:`EditState.from_tensors` turn the *edit* part
-of the state (per-layer K_p K_p^T, PRUNE originals and sigma_max, weight fingerprints, history,
-edit count, context prefixes) into a flat ``{name: tensor}`` dict for safetensors plus
-JSON-serialisable metadata, and back, bit-exactly. The model-constant caches C0 and P are not
-serialised (they are recomputed, or read from the statistics cache). No pickle anywhere.
+of the state (per-layer K_p K_p^T, PRUNE originals, sigma_max and unrestrained weights, weight
+fingerprints, history, edit count, context prefixes and their groups) into a flat
+``{name: tensor}`` dict for safetensors plus JSON-serialisable metadata, and back, bit-exactly.
+The model-constant caches C0 and P are not serialised (they are recomputed, or read from the
+statistics cache). No pickle anywhere.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,7 +28,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .arch import as_out_in, from_out_in
+from .contexts import ContextPrefixes
 from .errors import BLUEEditError
+from .rules import prune_restrain_with_info
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ _ATTR = "_blue_edit_state"
 #: Version of the layout written by :meth:`EditState.to_tensors`; bumped on incompatible changes.
 STATE_FORMAT_VERSION = 1
 
-_LAYER_TENSORS = ("kpkp", "W_orig", "orig_fp", "post_fp")
+_LAYER_TENSORS = ("kpkp", "W_orig", "W_unrestrained", "orig_fp", "post_fp")
 
 
 def fingerprint(W: torch.Tensor, n: int = 65536) -> torch.Tensor:
@@ -69,13 +76,17 @@ class LayerState:
 
     ``kpkp``: (d_in, d_in) accumulated K_p K_p^T (solve dtype) or None before the first commit;
     ``W_orig``: (d_out, d_in) original weight (PRUNE only); ``sigma_max``: its largest singular
-    value; ``orig_fp`` / ``post_fp``: :func:`fingerprint` of the stored weight before any edit /
-    after the last committed edit (CPU float64).
+    value; ``W_unrestrained``: PRUNE with ``prune_timing: sequence``, the stored weight (stored
+    orientation and dtype) the sequence has reached without the restraint, while the model serves
+    ``W_orig + restrain(W_unrestrained - W_orig)``; None when the two are equal (nothing is
+    restrained) or for other methods; ``orig_fp`` / ``post_fp``: :func:`fingerprint` of the
+    stored weight before any edit / after the last committed edit (the served weight; CPU float64).
     """
 
     kpkp: Optional[torch.Tensor] = None
     W_orig: Optional[torch.Tensor] = None
     sigma_max: Optional[float] = None
+    W_unrestrained: Optional[torch.Tensor] = None
     orig_fp: Optional[torch.Tensor] = None
     post_fp: Optional[torch.Tensor] = None
 
@@ -120,11 +131,16 @@ class EditState:
     def layer(self, layer: int) -> LayerState:
         return self.layers.setdefault(layer, LayerState())
 
+    def unrestrained_layers(self) -> list[int]:
+        """Layers whose ``W_unrestrained`` is set (the model serves PRUNE's restraint of it)."""
+        return sorted(l for l, ls in self.layers.items() if ls.W_unrestrained is not None)
+
     def reset(self) -> None:
-        """Forget all edits (accumulated keys, history). Caches that depend only on the unedited
-        model (C0, projectors, prefixes, original weights) are kept."""
+        """Forget all edits (accumulated keys, PRUNE's unrestrained weights, history). Caches that
+        depend only on the unedited model (C0, projectors, prefixes, original weights) are kept."""
         for ls in self.layers.values():
             ls.kpkp = None
+            ls.W_unrestrained = None
             ls.post_fp = None
         self.history.clear()
         self.n_edits = 0
@@ -132,7 +148,8 @@ class EditState:
     def sync_with_weights(self, weight_of) -> None:
         """Compare the current weights (``weight_of(layer)``) with what the last edit left. If
         every edited layer is back at its original values, drop the edit history; if they were
-        changed in another way, warn and keep the state."""
+        changed in another way, warn and keep the state, except PRUNE's unrestrained weights of the
+        changed layers (the sequence continues from the weights as they are now)."""
         tracked = {l: ls for l, ls in self.layers.items() if ls.post_fp is not None}
         if not tracked:
             return
@@ -151,6 +168,9 @@ class EditState:
         )
         for l in changed:
             tracked[l].post_fp = now[l]
+            if tracked[l].W_unrestrained is not None:
+                logger.warning("layer %d: PRUNE continues from the changed weights, not from its unrestrained ones", l)
+                tracked[l].W_unrestrained = None
 
     # ---- snapshots (all-or-nothing batches, undo) -------------------------------------------
     def snapshot(self) -> "EditState":
@@ -184,11 +204,11 @@ class EditState:
         """The edit part as ``({name: CPU tensor}, metadata)``.
 
         Tensor names are ``layers.<l>.<field>`` for ``kpkp`` (d_in, d_in), ``W_orig`` (d_out,
-        d_in), ``orig_fp`` and ``post_fp`` (1-D float64), each present only when set. The
-        metadata is JSON-serialisable: format version, ``n_edits``, per-layer ``sigma_max``,
-        ``history`` (encoded so that int dict keys and tuples survive JSON) and, when
-        ``include_prefixes``, the context prefixes (they come from sampling, so keeping them
-        makes a resumed run bit-identical).
+        d_in), ``W_unrestrained`` (stored shape and dtype), ``orig_fp`` and ``post_fp`` (1-D
+        float64), each present only when set. The metadata is JSON-serialisable: format version,
+        ``n_edits``, per-layer ``sigma_max``, ``history`` (encoded so that int dict keys and
+        tuples survive JSON) and, when ``include_prefixes``, the context prefixes with their
+        groups (they come from sampling, so keeping them makes a resumed run bit-identical).
         """
         tensors: dict[str, torch.Tensor] = {}
         layers_meta: dict[str, Any] = {}
@@ -205,7 +225,7 @@ class EditState:
             "history": _encode(self.history),
         }
         if include_prefixes:
-            meta["prefixes"] = [[_encode(k), list(v)] for k, v in self.prefixes.items()]
+            meta["prefixes"] = [[_encode(k), list(v), list(getattr(v, "groups", ()))] for k, v in self.prefixes.items()]
         return tensors, meta
 
     @classmethod
@@ -216,8 +236,9 @@ class EditState:
         device_of: Optional[Callable[[int], torch.device]] = None,
     ) -> "EditState":
         """Inverse of :meth:`to_tensors`. ``device_of(layer)`` gives the device for the layer's
-        ``kpkp`` / ``W_orig`` (default: CPU); fingerprints stay on the CPU. Raises ValueError
-        for a layout it does not understand."""
+        ``kpkp`` / ``W_orig`` / ``W_unrestrained`` (default: CPU); fingerprints stay on the CPU.
+        Prefixes saved without their groups (older files) get them from the parameters in their
+        key when used. Raises ValueError for a layout it does not understand."""
         version = meta.get("state_format_version")
         if version != STATE_FORMAT_VERSION:
             raise ValueError(
@@ -241,15 +262,58 @@ class EditState:
             ls.sigma_max = _decode_float(meta.get("layers", {}).get(str(l), {}).get("sigma_max"))
         state.n_edits = int(meta.get("n_edits", 0))
         state.history = list(_decode(meta.get("history", [])))
-        for key, value in meta.get("prefixes", []):
-            state.prefixes[_decode(key)] = [str(s) for s in value]
+        for key, value, *groups in meta.get("prefixes", []):
+            texts = [str(s) for s in value]
+            state.prefixes[_decode(key)] = ContextPrefixes(texts, groups[0]) if groups and groups[0] else texts
         return state
+
+    def finalize(self, module_of: Callable[[int], torch.nn.Module], solve_dtype: torch.dtype = torch.float64) -> dict[int, dict]:
+        """End-of-sequence PRUNE restraint of the served weights: for every layer edited with an
+        original weight (``W_orig``), make ``module_of(layer).weight`` equal to ``W_orig +
+        restrain(W - W_orig)``, W being ``W_unrestrained`` or, when there is none, the weight as it
+        is (which then becomes ``W_unrestrained`` if the restraint changes it). Idempotent. Only
+        for a sequence edited with ``prune_timing: sequence`` (use
+        :meth:`blue_plugin.engine.Editor.finalize`, which checks that). Returns the restraint
+        info per layer (:func:`~blue_plugin.rules.prune_restrain_with_info`)."""
+        self.sync_with_weights(lambda l: module_of(l).weight)
+        out = {}
+        for l, ls in sorted(self.layers.items()):
+            if ls.W_orig is None or ls.post_fp is None:
+                continue
+            module = module_of(l)
+            seq = ls.W_unrestrained if ls.W_unrestrained is not None else module.weight.detach().clone()
+            out[l] = serve_restrained(module, seq, ls.W_orig, ls.sigma_max, solve_dtype)
+            ls.W_unrestrained = seq if out[l]["above"] else None
+            ls.post_fp = fingerprint(module.weight)
+        return out
 
     def load_edits_from(self, other: "EditState") -> None:
         """Take over the edit part and the prefixes of ``other`` (e.g. one read from disk),
         keeping this state's C0 / projector caches."""
         self.restore(other)
-        self.prefixes.update({k: list(v) for k, v in other.prefixes.items()})
+        self.prefixes.update({k: copy.copy(v) for k, v in other.prefixes.items()})
+
+
+def serve_restrained(module: torch.nn.Module, unrestrained: torch.Tensor, W_orig: torch.Tensor, sigma_max: float,
+                     solve_dtype: torch.dtype = torch.float64) -> dict:
+    """Write ``W_orig + restrain(unrestrained - W_orig)`` (PRUNE, :func:`~blue_plugin.rules.prune_restrain`)
+    into ``module.weight``; ``unrestrained`` is in the stored form (orientation, dtype) and
+    ``W_orig`` (d_out, d_in). When nothing is restrained the weight becomes ``unrestrained``
+    bit-for-bit. Returns the restraint info (``max_over_sigma_max``, ``above``); raises
+    :class:`~blue_plugin.errors.BLUEEditError` (before writing) when the SVD fails or the result
+    is not finite."""
+    stored = module.weight
+    W = as_out_in(module, unrestrained.to(stored.device)).to(solve_dtype)
+    try:
+        W_served, info = prune_restrain_with_info(W, W_orig.to(W.device, solve_dtype), sigma_max)
+    except torch.linalg.LinAlgError as exc:
+        raise BLUEEditError(f"the PRUNE restraint failed ({exc}); nothing was changed.") from exc
+    new = from_out_in(module, W_served).to(stored.dtype) if info["above"] else unrestrained.to(stored.device)
+    if not bool(torch.isfinite(new).all()):
+        raise BLUEEditError("the PRUNE restraint gave non-finite weights; nothing was changed.")
+    with torch.no_grad():
+        stored.copy_(new)
+    return info
 
 
 def get_state(model) -> EditState:
