@@ -97,7 +97,9 @@ def hand_keys(model, tok, hp, layer: int, reqs) -> torch.Tensor:
             finally:
                 handle.remove()
             ks.append(store["k"])
-        out.append(torch.stack(ks).mean(0))
+        # compute_ks of the references: mean within each context-template group (the bare prompt;
+        # the two prefixes of [[4, 2]]), then across the groups
+        out.append((ks[0] + torch.stack(ks[1:]).mean(0)) / 2)
     return torch.stack(out)
 
 

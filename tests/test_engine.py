@@ -351,54 +351,7 @@ def test_rect_changes_at_most_the_kept_fraction(arch, fraction):
         assert n_changed >= 0.9 * round(fraction * before[name].numel())
 
 
-def _prune_reference(W_new: torch.Tensor, W_orig: torch.Tensor) -> torch.Tensor:
-    """Independent PRUNE: restrain singular values of W_new - W_orig above sigma_max(W_orig)."""
-    sigma_max = float(torch.linalg.svdvals(W_orig)[0])
-    U, S, Vh = torch.linalg.svd(W_new - W_orig, full_matrices=False)
-    S = torch.tensor([math.log(s) - math.log(sigma_max) + sigma_max if s > sigma_max else s for s in S.tolist()],
-                     dtype=W_new.dtype)
-    return W_orig + U @ torch.diag(S) @ Vh
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_prune_restrains_the_accumulated_change(arch, monkeypatch):
-    """With weak regularisation the raw update is larger than sigma_max(W_orig); the written
-    weight is the restrained one, and in a second batch the change is measured from the
-    weights before the FIRST batch.
-
-    The rewrite weight is scaled to sigma_max = 1.5: PRUNE's map s -> log(s) - log(sigma_max)
-    + sigma_max only shrinks s when sigma_max >= 1 (for sigma_max < 1 it can enlarge s, as in the
-    reference method; real down_proj matrices have sigma_max well above 1)."""
-    model, tok, hp = _setup(arch, layers=[1], base_method="PRUNE", mom2_update_weight=1e-6)
-    name = weight_name(model, hp, 1)
-    with torch.no_grad():
-        w = model.get_parameter(name)
-        w.mul_(1.5 / float(torch.linalg.svdvals(w)[0]))
-    calls = rule_spy(monkeypatch, "PRUNE")
-    layout = resolve_layout(model, hp)
-
-    def W_now():
-        w = model.get_parameter(name).detach().double()
-        return w.T if arch == "gpt2" else w  # (d_out, d_in)
-
-    W0 = W_now().clone()
-    sigma_max = float(torch.linalg.svdvals(W0)[0])
-    reqs = all_requests()
-    for batch in (reqs[:2], reqs[2:]):
-        W_prev = W_now().clone()
-        apply_blue_to_model(model, tok, batch, hp)
-        raw = W_prev + calls[-1]["delta"]
-        assert float(torch.linalg.svdvals(raw - W0)[0]) > sigma_max  # the restraint is active
-        assert _close(W_now(), _prune_reference(raw, W0), rtol=1e-5)
-        s_new = torch.linalg.svdvals(W_now() - W0)
-        s_raw = torch.linalg.svdvals(raw - W0)
-        assert float(s_new[0]) < float(s_raw[0])
-        assert float(s_new[0]) <= sigma_max + math.log(float(s_raw[0]) / sigma_max) + 1e-4
-        cs = get_state(model).history[-1]["change_sigma"][1]  # recorded before the restraint
-        assert cs["max_over_sigma_max"] == pytest.approx(float(s_raw[0]) / sigma_max, rel=1e-6)
-        assert cs["above"] == int((s_raw > sigma_max).sum()) >= 1
-    assert torch.allclose(get_state(model).layers[1].W_orig, W0)
-    assert layout.weight_name(1) == name
+# PRUNE (both timings) and RECT's mask timings: tests/test_reference_timings.py
 
 
 # ---- statistics from a corpus file -------------------------------------------------------------

@@ -230,24 +230,53 @@ def _inputs(with_kp=True, seed=0):
 
 
 def test_rules_dispatch_to_their_closed_forms():
+    """Defaults (the references): RECT's walk update is MEMIT's dense one and the mask applies to
+    the batch's update when it is written; PRUNE restrains once per sequence, not per layer."""
     hp = BLUEHyperParams(mom2_update_weight=3.0, L2=2.0, rect_keep_fraction=0.3)
+    assert hp.rect_mask_timing == "batch" and hp.prune_timing == "sequence"
     x = _inputs()
     memit = memit_delta(x.K, x.R, x.C0, 3.0, x.KpKp)
     assert torch.allclose(get_rule("MEMIT").delta(x, hp), memit, rtol=1e-12)
-    assert torch.allclose(get_rule("RECT").delta(x, hp), rect_sparsify(memit, x.W, 0.3), rtol=1e-12)
+    assert torch.allclose(get_rule("RECT").delta(x, hp), memit, rtol=1e-12)
+    assert get_rule("RECT").adjusts_batch(hp)
+    assert torch.equal(get_rule("RECT").batch_update(memit, x.W, hp), rect_sparsify(memit, x.W, 0.3))
     assert torch.allclose(get_rule("PRUNE").delta(x, hp), memit, rtol=1e-12)
     assert torch.allclose(get_rule("AlphaEdit").delta(x, hp), alphaedit_delta(x.K, x.R, x.P, 2.0, x.KpKp), rtol=1e-12)
     big = x.W + 50 * memit / float(torch.linalg.matrix_norm(memit, ord=2)) * x.sigma_max
-    assert torch.allclose(get_rule("PRUNE").finalize(big, x, hp), prune_restrain(big, x.W_orig, x.sigma_max))
-    for name in ("MEMIT", "RECT", "AlphaEdit"):
+    for name in RULES:
         assert torch.equal(get_rule(name).finalize(big, x, hp), big)
+        assert get_rule(name).restrains_sequence(hp) == (name == "PRUNE")
+        if name != "RECT":
+            assert not get_rule(name).adjusts_batch(hp) and torch.equal(get_rule(name).batch_update(memit, x.W, hp), memit)
+    served, info = get_rule("PRUNE").restrain_sequence(big, x.W_orig, x.sigma_max)
+    assert torch.allclose(served, prune_restrain(big, x.W_orig, x.sigma_max)) and info["above"] >= 1
+
+
+def test_rules_per_layer_and_per_batch_timings():
+    """rect_mask_timing 'layer' / prune_timing 'batch': the mask and the restraint apply to each
+    layer's new weight (the behaviour before the reference timings were the default)."""
+    hp = BLUEHyperParams(mom2_update_weight=3.0, rect_keep_fraction=0.3, rect_mask_timing="layer", prune_timing="batch")
+    x = _inputs()
+    memit = memit_delta(x.K, x.R, x.C0, 3.0, x.KpKp)
+    assert torch.allclose(get_rule("RECT").delta(x, hp), rect_sparsify(memit, x.W, 0.3), rtol=1e-12)
+    assert not get_rule("RECT").adjusts_batch(hp)
+    assert torch.equal(get_rule("RECT").batch_update(memit, x.W, hp), memit)
+    big = x.W + 50 * memit / float(torch.linalg.matrix_norm(memit, ord=2)) * x.sigma_max
+    assert torch.allclose(get_rule("PRUNE").finalize(big, x, hp), prune_restrain(big, x.W_orig, x.sigma_max))
+    assert not get_rule("PRUNE").restrains_sequence(hp)
 
 
 def test_rule_flags():
-    hp_acc, hp_no = BLUEHyperParams(accumulate_keys=True), BLUEHyperParams(accumulate_keys=False)
     assert set(RULES) == {"MEMIT", "RECT", "PRUNE", "AlphaEdit"}
     for name in ("MEMIT", "RECT", "PRUNE"):
+        hp_acc = BLUEHyperParams(base_method=name, accumulate_keys=True)
+        hp_no = BLUEHyperParams(base_method=name, accumulate_keys=False)
         assert get_rule(name).uses_kpkp(hp_acc) and not get_rule(name).uses_kpkp(hp_no)
+    # accumulate_keys null (default): as the reference evaluations, MEMIT_seq and AlphaEdit
+    # accumulate, RECT and PRUNE run on plain MEMIT.
+    for name, expected in (("MEMIT", True), ("RECT", False), ("PRUNE", False), ("AlphaEdit", True)):
+        assert get_rule(name).uses_kpkp(BLUEHyperParams(base_method=name)) is expected
+    hp_no = BLUEHyperParams(base_method="AlphaEdit", accumulate_keys=False)
     assert get_rule("AlphaEdit").uses_kpkp(hp_no)  # AlphaEdit always includes K_p K_p^T
     assert get_rule("AlphaEdit").needs_projector and get_rule("PRUNE").needs_original
     with pytest.raises(ValueError, match="MEMIT"):
