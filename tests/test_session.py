@@ -329,6 +329,48 @@ def test_save_load_round_trip_and_continue(tok, tmp_path, method):
     assert get_state(fresh).same_edits(get_state(model), compare_history=False)
 
 
+def _prune_restraining(tok, seed: int = 0):
+    """PRUNE on a model whose edited weights have sigma_max = 1.5, with weak regularisation: the
+    accumulated change exceeds sigma_max, so the state holds unrestrained weights."""
+    model, hp = _setup(tok, "PRUNE", seed=seed, mom2_update_weight=1e-6)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for l in hp.edit_layers:
+            w = params[f"model.layers.{l}.mlp.down_proj.weight"]
+            w.mul_(1.5 / float(torch.linalg.svdvals(w)[0]))
+    return model, hp
+
+
+def test_prune_sequence_save_load_undo_keep_the_unrestrained_weights(tok, tmp_path):
+    """PRUNE restrained once per sequence: the session saves and restores the unrestrained weights
+    along with the served ones, so a resumed sequence goes on bit-identically; undo restores them."""
+    model, hp = _prune_restraining(tok)
+    assert hp.prune_timing == "sequence"
+    session = EditSession(model, tok, hp)
+    session.edit(BATCHES[0])
+    session.edit(BATCHES[1])
+    state = get_state(model)
+    assert state.unrestrained_layers() == hp.edit_layers
+    w2, s2 = weights(model), state.snapshot()
+    session.save(tmp_path / "s")
+
+    fresh, _ = _prune_restraining(tok)
+    loaded = EditSession.load(tmp_path / "s", fresh, tok)
+    assert changed_params(w2, fresh) == set()
+    assert get_state(fresh).same_edits(state)  # W_unrestrained included
+    assert loaded.finalize() == session.finalize() == state.history[-1]["change_sigma"]
+    assert changed_params(w2, fresh) == set()
+    session.edit(BATCHES[2])
+    loaded.edit(BATCHES[2])
+    assert changed_params(weights(model), fresh) == set()
+    assert get_state(fresh).same_edits(state, compare_history=False)
+
+    session.undo()
+    assert changed_params(w2, model) == set() and state.same_edits(s2)
+    session.edit(BATCHES[2])  # the same batch again: the same result as the loaded session's
+    assert changed_params(weights(fresh), model) == set()
+
+
 def test_save_overwrites_and_cleans_up(tok, tmp_path):
     model, hp = _setup(tok)
     session = EditSession(model, tok, hp)
