@@ -2,7 +2,8 @@
 
 Launched with ``torchrun`` (or any launcher that sets the usual ``RANK`` / ``WORLD_SIZE`` /
 ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables), every process (rank) loads the
-model, reads the same corpus, and takes a deterministic shard of its documents: document ``i``
+model, gets the corpus from rank 0 (which reads it; a ``sampled`` corpus is generated there
+once), and takes a deterministic shard of its documents: document ``i``
 goes to rank ``i % world_size`` (:func:`shard_indices`; shard sizes differ by at most one, a rank
 may get none). Each rank accumulates float64 sums of k k^T and token counts with
 :func:`blue_plugin.stats.collect_second_moments`; the sums and counts are all-reduced (SUM), and
@@ -209,12 +210,14 @@ def _local_sums(
     max_length: int,
     batch_size: int,
     progress: bool,
+    mom2_dtype: str = "float32",
 ) -> tuple[dict[str, tuple[torch.Tensor | None, int]], int]:
     """Sums and counts over this rank's ``texts``; ``(None, 0)`` per module for a shard without
     tokens (no documents, or none that tokenises to anything). Also returns the token count."""
     if not texts or not any(stats._tokenize(tok, texts, max_length)):
         return {n: (None, 0) for n in names}, 0
-    raw = stats.collect_second_moments(model, tok, names, texts, max_length, batch_size, progress)
+    raw = stats.collect_second_moments(model, tok, names, texts, max_length, batch_size, progress,
+                                       mom2_dtype=mom2_dtype)
     return dict(raw), raw[names[0]][1]
 
 
@@ -235,6 +238,9 @@ def distributed_second_moments(
     batch_size: int = 16,
     progress: bool = True,
     overwrite: bool = False,
+    *,
+    mom2_dtype: str = "float32",
+    subset: str = "random",
 ) -> StatsRun:
     """E[k k^T] of the inputs of ``module_names``, computed over all ranks of the process group.
 
@@ -243,12 +249,11 @@ def distributed_second_moments(
     :func:`blue_plugin.stats.get_second_moments` gives.
 
     Args:
-        model, tok, module_names, max_length, batch_size: as in
+        model, tok, module_names, max_length, batch_size, mom2_dtype: as in
             :func:`blue_plugin.stats.collect_second_moments`. ``max_length`` is capped at the
             model's positions, as in ``get_second_moments``.
-        corpus, n_samples: as in :func:`blue_plugin.stats.read_corpus`; every rank reads the
-            whole list of documents (cheap for text files) and keeps its shard
-            (:func:`shard_indices`).
+        corpus, n_samples, subset: as in :func:`blue_plugin.stats.read_corpus`; rank 0 reads the
+            documents and sends them to every rank, which keeps its shard (:func:`shard_indices`).
         cache_dir: where rank 0 reads and writes the cache files (``None``: no cache). With
             several nodes this is rank 0's file system.
         model_id: as in ``get_second_moments`` (default ``config.name_or_path``); the engine uses
@@ -267,12 +272,19 @@ def distributed_second_moments(
     names = stats._validate_module_names(model, module_names)
     stats._check_positive_int(n_samples, "n_samples")
     stats._check_positive_int(batch_size, "batch_size")
+    stats.check_mom2_dtype(mom2_dtype)
     max_length = stats._effective_max_length(model, max_length)
     modules = dict(model.named_modules())
     devices = {n: stats._accumulation_device(stats._module_device(model, modules[n])) for n in names}
     info = current_dist(stats._input_device(model))
 
-    texts: list[str] = _collectively(info, lambda: stats.read_corpus(corpus, n_samples), "reading the corpus")
+    def read() -> list[str] | None:
+        if not info.is_main:
+            return None
+        return stats.read_corpus(corpus, n_samples, subset=subset, model=model, tok=tok, max_length=max_length,
+                                 progress=progress)
+
+    texts: list[str] = _broadcast_object(info, _collectively(info, read, "reading the corpus"))  # type: ignore[assignment]
     paths: dict[str, Path | None] = {n: None for n in names}
     metas: dict[str, dict[str, str]] = {}
 
@@ -294,7 +306,7 @@ def distributed_second_moments(
         for n in names:
             metas[n] = stats.request_metadata(
                 model, tok, n, corpus, texts, n_samples, max_length, model_id,
-                _fingerprints=(stats.weights_fingerprint(model, [n]), tfp),
+                subset=subset, mom2_dtype=mom2_dtype, _fingerprints=(stats.weights_fingerprint(model, [n]), tfp),
             )
             paths[n] = root / stats.cache_file_name(metas[n])
         lock = stats.acquire_cache_lock(root, metas[names[0]])
@@ -322,7 +334,8 @@ def distributed_second_moments(
 
             def accumulate():
                 t0 = time.perf_counter()  # this rank's own work, not the wait for the others
-                out = _local_sums(model, tok, missing, shard, max_length, batch_size, progress and info.is_main)
+                out = _local_sums(model, tok, missing, shard, max_length, batch_size, progress and info.is_main,
+                                  mom2_dtype)
                 return out, time.perf_counter() - t0
 
             (local, tokens), seconds = _collectively(info, accumulate, "accumulating statistics")

@@ -6,14 +6,27 @@ SmolLM2, 4 * n_embd for GPT-2). Locate-then-edit methods need C_0 over general t
 
 Three layers of API:
 
-* :func:`read_corpus` -- the first ``n_samples`` documents of a local text / ``.jsonl`` file or of
-  ``wikipedia`` / ``wikitext`` through the ``datasets`` package.
+* :func:`read_corpus` (from :mod:`blue_plugin.corpus`) -- ``n_samples`` documents of a local
+  text / ``.jsonl`` file, ``wikipedia`` / ``wikitext`` through the ``datasets`` package, the
+  ``wordnet`` glosses, text ``sampled`` from the model (:func:`sample_corpus`, in this module
+  because it runs the model) or a combination such as ``wordnet+sampled``; a seeded random
+  subset by default (``subset="first"``: the first documents).
 * :func:`collect_second_moments` -- float64 *sums* of k k^T and token *counts* for several
   modules in one forward pass per batch that stops right after the last needed module.
   Sums and counts (not means) so that a distributed caller can all-reduce them.
 * :func:`get_second_moments` -- means E[k k^T] with a validated on-disk safetensors cache
-  (one file per model, module, corpus, sample count and max length), atomic writes and a
-  file lock.
+  (one file per model, module, corpus, subset, sample count, max length and ``mom2_dtype``),
+  atomic writes and a file lock.
+
+``mom2_dtype`` (the hyperparameter; MEMIT's ``layer_stats(precision=...)``, which casts the keys
+to it and keeps its running sum in it) is here the dtype the keys are cast to before their
+products are formed: ``"float32"`` (default): float32 products, summed in float32 over at most
+:data:`_PARTIAL_TOKENS` tokens and then into a float64 total (on a CUDA device where TF32 is
+allowed for float32 matmuls the products are formed in float64 instead, so a global TF32 switch
+cannot lower the precision); ``"float64"``: float64 throughout (about twice the CPU time);
+``"float16"`` / ``"bfloat16"``: the keys are rounded to that dtype, the products then formed as for
+float32 -- never summed in 16 bits. The total is always float64 (MEMIT keeps it in ``precision``:
+a float32 sum over millions of tokens loses digits; ours does not), and so is the stored mean.
 
 Cache files are plain safetensors holding one float64 tensor ``"mom2"`` (d_in x d_in, the mean)
 and string metadata (see :func:`request_metadata`). Nothing is ever unpickled.
@@ -22,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -33,24 +47,38 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .corpus import (  # noqa: F401 -- re-exported: callers import these from blue_plugin.stats
+    DEFAULT_SEED,
+    HF_CORPORA,
+    SUBSETS,
+    _check_positive_int,
+    _is_hf_corpus,
+    _read_hf_corpus,
+    _read_local_corpus,
+    _resolve_path,
+    corpus_identity,
+    read_corpus,
+)
 from .requests import pad_token_id
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning or layout of a cache file changes; older files are recomputed.
-CACHE_FORMAT_VERSION = "1"
+#: 2: documents are a seeded random subset by default (``corpus_subset``), ``mom2_dtype`` recorded.
+CACHE_FORMAT_VERSION = "2"
 
 #: Name of the tensor inside a cache file.
 TENSOR_KEY = "mom2"
 
-#: ``source`` names that are read through the ``datasets`` package: (hub id, config, split).
-HF_CORPORA: dict[str, tuple[str, str, str]] = {
-    "wikipedia": ("wikimedia/wikipedia", "20231101.en", "train"),
-    "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1", "train"),
+#: Accepted ``mom2_dtype`` values and the dtype the keys are cast to.
+MOM2_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }
 
 #: Metadata keys that must match between a cache file and the current request.
-#: The others (model id, corpus path and size, token count, ...) are informational.
+#: The others (model id, corpus path and size, token count, ...) are informational. ``dtype`` is
+#: that of the total and of the stored mean (always float64); ``mom2_dtype`` that of the keys'
+#: products (see the module docstring); ``corpus_subset`` how the documents were chosen.
 COMPARED_KEYS: tuple[str, ...] = (
     "format_version",
     "model_type",
@@ -61,9 +89,11 @@ COMPARED_KEYS: tuple[str, ...] = (
     "module",
     "corpus_name",
     "corpus_sha256",
+    "corpus_subset",
     "n_samples",
     "max_length",
     "dtype",
+    "mom2_dtype",
 )
 
 _TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. Paris 1889, naïve café — 42%!"
@@ -72,164 +102,6 @@ _FINGERPRINT_ELEMENTS = 1 << 16
 
 class _StopForward(Exception):
     """Raised from a hook once every requested module has seen its input for this batch."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpus
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _resolve_path(source: str | os.PathLike[str]) -> Path:
-    """``~`` expanded; relative paths are relative to the current directory."""
-    return Path(os.path.expanduser(os.fspath(source))).absolute()
-
-
-def _is_hf_corpus(source: str) -> bool:
-    return str(source).strip().lower() in HF_CORPORA and not _resolve_path(source).exists()
-
-
-def read_corpus(source: str, n_samples: int) -> list[str]:
-    """Return the first ``n_samples`` non-empty documents of ``source``, in order.
-
-    Args:
-        source: one of
-            * a text file: one document per non-empty line (surrounding whitespace stripped);
-            * a ``.jsonl`` file: one JSON object per non-empty line with a string field ``text``;
-            * ``"wikipedia"`` or ``"wikitext"``: streamed from the Hugging Face hub through the
-              ``datasets`` package (see :data:`HF_CORPORA`); needs the package and network.
-            ``~`` is expanded; relative paths are relative to the current directory. An
-            existing file named like a hub corpus wins over the hub.
-        n_samples: how many documents to return (positive). If the corpus has fewer, all of
-            them are returned and a warning is logged.
-
-    Raises:
-        ValueError: missing path, a directory, a malformed ``.jsonl`` line, an empty corpus,
-            ``datasets`` missing or the hub unreachable -- each message says what to fix.
-    """
-    _check_positive_int(n_samples, "n_samples")
-    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
-        raise ValueError(
-            f"corpus must be a path to a text/.jsonl file or one of {sorted(HF_CORPORA)}, "
-            f"got {source!r}"
-        )
-    if _is_hf_corpus(str(source)):
-        docs = _read_hf_corpus(str(source).strip().lower(), n_samples)
-    else:
-        docs = _read_local_corpus(_resolve_path(source), n_samples)
-    if not docs:
-        raise ValueError(
-            f"corpus {source!r} contains no non-empty documents; pass a file with one document "
-            "per line (or a .jsonl file with a 'text' field)"
-        )
-    if len(docs) < n_samples:
-        logger.warning(
-            "corpus %r has only %d documents, fewer than the %d requested; using all of them",
-            str(source), len(docs), n_samples,
-        )
-    return docs
-
-
-def _read_local_corpus(path: Path, n_samples: int) -> list[str]:
-    if not path.exists():
-        raise ValueError(
-            f"corpus file {str(path)!r} does not exist; pass an existing text or .jsonl file "
-            f"(relative paths are relative to {os.getcwd()!r}) or one of {sorted(HF_CORPORA)}"
-        )
-    if not path.is_file():
-        raise ValueError(f"corpus path {str(path)!r} is not a regular file; pass a text or .jsonl file")
-    is_jsonl = path.suffix.lower() == ".jsonl"
-    docs: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if len(docs) >= n_samples:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if is_jsonl:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f"{str(path)!r} line {lineno} is not valid JSON ({e.msg}); a .jsonl corpus "
-                        "needs one JSON object with a 'text' field per line"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(
-                        f"{str(path)!r} line {lineno} has no string field 'text'; a .jsonl corpus "
-                        "needs one JSON object with a 'text' field per line"
-                    )
-                line = record["text"].strip()
-                if not line:
-                    continue
-            docs.append(line)
-    return docs
-
-
-def _read_hf_corpus(name: str, n_samples: int) -> list[str]:
-    hub_id, config, split = HF_CORPORA[name]
-    try:
-        import datasets  # noqa: PLC0415 -- optional dependency, imported only when needed
-    except ImportError:
-        raise ValueError(
-            f"corpus {name!r} is read through the 'datasets' package, which is not installed: "
-            "`pip install datasets`, or pass a local text file instead (e.g. "
-            "../shared/data/corpus/wordnet-glosses.txt, or the WordNet glosses from Debian's "
-            "wordnet-base package)"
-        ) from None
-    docs: list[str] = []
-    try:
-        stream = datasets.load_dataset(hub_id, config, split=split, streaming=True)
-        for record in stream:
-            text = str(record.get("text", "")).strip()
-            if text:
-                docs.append(text)
-                if len(docs) >= n_samples:
-                    break
-    except Exception as e:  # network, hub or format errors: all mean "this corpus is unusable"
-        raise ValueError(
-            f"could not read corpus {name!r} ({hub_id}, {config}) from the Hugging Face hub: "
-            f"{type(e).__name__}: {e}. Check network access, or pass a local text file instead"
-        ) from e
-    return docs
-
-
-def corpus_identity(source: str, texts: Sequence[str] | None) -> dict[str, str]:
-    """Identity of a corpus for cache metadata.
-
-    For a local file: its name, absolute path and size (informational) and the sha256 of the
-    documents actually used (``texts``: compared), so moving the file or appending lines after
-    the first ``n_samples`` keeps the cache valid while any change to the used text does not.
-    For a hub corpus: its hub id and config (``texts`` may be ``None``; the hub is not contacted).
-    """
-    if _is_hf_corpus(str(source)):
-        hub_id, config, split = HF_CORPORA[str(source).strip().lower()]
-        return {
-            "corpus_name": f"{hub_id}:{config}:{split}",
-            "corpus_path": "",
-            "corpus_size": "",
-            "corpus_sha256": "",
-        }
-    if texts is None:
-        raise ValueError("texts are needed to identify a local corpus")
-    path = _resolve_path(source)
-    h = hashlib.sha256()
-    for doc in texts:
-        b = doc.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return {
-        "corpus_name": path.name,
-        "corpus_path": str(path),
-        "corpus_size": str(path.stat().st_size) if path.exists() else "",
-        "corpus_sha256": h.hexdigest(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +149,7 @@ def _accumulation_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-#: Tokens summed in float32 (on the CPU) before the partial sum is added to the float64 total.
+#: Tokens summed in a float32 partial sum before it is added to the float64 total.
 _PARTIAL_TOKENS = 4096
 
 
@@ -302,40 +174,68 @@ def add_lower_gram_(acc: torch.Tensor, k: torch.Tensor, blocks: int = _GRAM_BLOC
 
 
 def symmetrize_lower_(acc: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> torch.Tensor:
-    """Copy the blocks below the diagonal (filled by :func:`add_lower_gram_`) onto those above it."""
+    """Copy the blocks below the diagonal (filled by :func:`add_lower_gram_`) onto those above it,
+    and the lower triangle of each diagonal block onto its upper one (a matrix product's diagonal
+    block need not be bitwise symmetric), so the result is exactly symmetric."""
     bounds = _gram_bounds(acc.shape[0], blocks)
     for i, (a, b) in enumerate(bounds):
+        diag = acc[a:b, a:b]
+        diag.copy_(diag.tril() + diag.tril(-1).T)
         for c, e in bounds[:i]:
             acc[c:e, a:b] = acc[a:b, c:e].T
     return acc
 
 
-def _product_dtype(device: torch.device) -> torch.dtype:
-    """dtype in which k^T k is summed before it goes into the float64 total. On the CPU float32
-    (about twice as fast as float64 there; a partial sum covers at most a few thousand tokens,
-    :data:`_PARTIAL_TOKENS`, and loses ~1e-7 relative, far below what C0 needs); elsewhere
-    float64, so a global TF32 switch on a GPU cannot lower the precision of the statistics."""
-    return torch.float32 if device.type == "cpu" else torch.float64
+def check_mom2_dtype(mom2_dtype: object) -> str:
+    """``mom2_dtype`` if it is one of :data:`MOM2_DTYPES`, else ``ValueError``."""
+    if mom2_dtype not in MOM2_DTYPES:
+        raise ValueError(f"mom2_dtype must be one of {sorted(MOM2_DTYPES)}, got {mom2_dtype!r}")
+    return str(mom2_dtype)
+
+
+def _tf32_possible(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may run as TF32 (a CUDA device with TF32 allowed)."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:
+        if getattr(matmul, "fp32_precision", None) == "tf32":
+            return True
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # legacy and new TF32 settings mixed: torch refuses to say; assume it may be on
+        return True
+
+
+def _product_dtype(device: torch.device, mom2_dtype: str = "float32") -> torch.dtype:
+    """dtype in which k^T k is formed and summed before it goes into the float64 total: float64
+    for ``mom2_dtype="float64"``, else float32 (about twice as fast as float64 on the CPU; a
+    partial sum covers at most :data:`_PARTIAL_TOKENS` tokens and loses ~1e-7 relative, far
+    below what C0 needs) -- except on a CUDA device that may run float32 matmuls as TF32, where
+    it is float64, so a global TF32 switch cannot lower the precision of the statistics."""
+    if MOM2_DTYPES[check_mom2_dtype(mom2_dtype)] == torch.float64 or _tf32_possible(device):
+        return torch.float64
+    return torch.float32
 
 
 class _GramSum:
     """Running sum of k^T k for one module, returned in float64 by :meth:`result`.
 
-    Where :func:`_product_dtype` is float32 (the CPU), keys are summed in a float32 partial sum
-    on the lower block triangle only (:func:`add_lower_gram_`), moved into the float64 total
-    every :data:`_PARTIAL_TOKENS` tokens and mirrored at the end; elsewhere each batch goes
-    straight into the float64 total."""
+    Keys are cast to ``mom2_dtype`` (rounding them for float16 / bfloat16), then to the
+    product dtype (:func:`_product_dtype`). Products go onto the lower block triangle only
+    (:func:`add_lower_gram_`), mirrored at the end: in float32, into a partial sum moved into
+    the float64 total every :data:`_PARTIAL_TOKENS` tokens; in float64, straight into the total."""
 
-    def __init__(self, d: int, device: torch.device):
-        self.dtype = _product_dtype(device)
+    def __init__(self, d: int, device: torch.device, mom2_dtype: str = "float32"):
+        self.key_dtype = MOM2_DTYPES[check_mom2_dtype(mom2_dtype)]
+        self.dtype = _product_dtype(device, mom2_dtype)
         self.total = torch.zeros(d, d, dtype=torch.float64, device=device)
         self.part = torch.zeros(d, d, dtype=self.dtype, device=device) if self.dtype != torch.float64 else None
         self.part_tokens = 0
 
     def add(self, k: torch.Tensor) -> None:
-        k = k.to(self.dtype)
+        k = k.to(self.key_dtype).to(self.dtype)
         if self.part is None:
-            self.total.addmm_(k.T, k)
+            add_lower_gram_(self.total, k)
             return
         add_lower_gram_(self.part, k)
         self.part_tokens += k.shape[0]
@@ -350,10 +250,8 @@ class _GramSum:
 
     def result(self) -> torch.Tensor:
         self._flush()
-        if self.part is not None:
-            self.part = None
-            symmetrize_lower_(self.total)
-        return self.total
+        self.part = None
+        return symmetrize_lower_(self.total)
 
 
 def _effective_max_length(model: nn.Module, max_length: int) -> int:
@@ -387,6 +285,8 @@ def collect_second_moments(
     max_length: int,
     batch_size: int = 16,
     progress: bool = True,
+    *,
+    mom2_dtype: str = "float32",
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of k k^T and token count of the inputs of several modules, in one pass per batch.
 
@@ -396,8 +296,9 @@ def collect_second_moments(
     at the real (non-padding) tokens; the hook of the last module to run raises a private
     exception that ends the pass, so layers above the highest needed one never execute.
     Texts are processed longest first (less padding); the sums do not depend on the order.
-    On the CPU k^T k is summed in float32 over up to :data:`_PARTIAL_TOKENS` tokens and then
-    added to the float64 total (float64 throughout elsewhere, see :func:`_product_dtype`).
+    The keys are cast to ``mom2_dtype`` and k^T k is summed in float32 over up to
+    :data:`_PARTIAL_TOKENS` tokens, then added to the float64 total (float64 throughout for
+    ``mom2_dtype="float64"`` or where TF32 could apply, see :func:`_product_dtype`).
 
     Args:
         model: a causal LM (``model(input_ids=..., attention_mask=...)``); not modified.
@@ -409,6 +310,8 @@ def collect_second_moments(
         max_length: tokens per text (positive; capped at the model's position limit).
         batch_size: texts per forward pass (positive).
         progress: show a tqdm progress bar.
+        mom2_dtype: ``"float32"`` (default), ``"float64"``, ``"bfloat16"`` or ``"float16"``: the
+            dtype the keys are cast to before their products (see the module docstring).
 
     Returns:
         ``{name: (S, n)}``: S = sum over real tokens of k k^T, float64, shape (d_in, d_in),
@@ -423,6 +326,7 @@ def collect_second_moments(
 
     names = _validate_module_names(model, module_names)
     _check_positive_int(batch_size, "batch_size")
+    check_mom2_dtype(mom2_dtype)
     max_length = _effective_max_length(model, max_length)
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings (e.g. from read_corpus)")
@@ -461,7 +365,7 @@ def collect_second_moments(
                 index_cache[x.device] = state["flat_index"].to(x.device, non_blocking=True)  # type: ignore[union-attr]
             k = x.index_select(0, index_cache[x.device]).to(device=acc_device)
             if name not in grams:
-                grams[name] = _GramSum(k.shape[1], acc_device)
+                grams[name] = _GramSum(k.shape[1], acc_device, mom2_dtype)
             grams[name].add(k)
             counts[name] += int(state["n_tokens"])  # type: ignore[arg-type]
             pending.discard(name)
@@ -520,7 +424,8 @@ def collect_second_moments(
     if bad:
         raise ValueError(
             f"the key statistics of {', '.join(bad)} are not finite: the model produces NaN/inf activations "
-            "(check its weights for NaN/inf); nothing was cached."
+            "(check its weights for NaN/inf)" + (" or keys overflow float16 (use mom2_dtype float32)"
+                                                 if mom2_dtype == "float16" else "") + "; nothing was cached."
         )
     return {name: (sums[name], counts[name]) for name in names}
 
@@ -619,14 +524,16 @@ def request_metadata(
     max_length: int,
     model_id: str | None = None,
     *,
+    subset: str = "random",
+    mom2_dtype: str = "float32",
     _fingerprints: tuple[str, str] | None = None,
 ) -> dict[str, str]:
     """Metadata that a cache file for this request must carry (all values are strings).
 
-    ``texts`` are the documents read from a local corpus (``None`` for hub corpora). The keys in
-    :data:`COMPARED_KEYS` must match a file for it to be used; a written file additionally
-    carries ``count`` (tokens), ``n_docs`` and ``d_in``. ``max_length`` should already be the
-    effective one (see :func:`get_second_moments`).
+    ``texts`` are the documents read from the corpus (``None`` for a hub corpus); ``subset``
+    as in :func:`read_corpus`. The keys in :data:`COMPARED_KEYS` must match a file for it to
+    be used; a written file additionally carries ``count`` (tokens), ``n_docs`` and ``d_in``.
+    ``max_length`` should already be the effective one (see :func:`get_second_moments`).
     """
     wfp, tfp = _fingerprints or (weights_fingerprint(model, [module_name]), tokenizer_fingerprint(tok))
     meta = {"format_version": CACHE_FORMAT_VERSION}
@@ -639,9 +546,10 @@ def request_metadata(
             "n_samples": str(n_samples),
             "max_length": str(max_length),
             "dtype": "float64",
+            "mom2_dtype": check_mom2_dtype(mom2_dtype),
         }
     )
-    meta.update(corpus_identity(corpus, texts))
+    meta.update(corpus_identity(corpus, texts, subset=subset))
     return meta
 
 
@@ -651,13 +559,17 @@ def _slug(text: str, limit: int = 60) -> str:
 
 
 def cache_file_name(meta: dict[str, str]) -> str:
-    """Readable file name: ``<model>__<module>__<corpus>__n<n_samples>__len<max_length>.safetensors``."""
+    """Readable file name: ``<model>__<module>__<corpus>__n<n_samples>__len<max_length>.safetensors``,
+    with ``__first`` before the suffix for the first-documents subset and ``__<mom2_dtype>`` for a
+    ``mom2_dtype`` other than float32 (so those requests do not overwrite the default's file)."""
     model = _slug(Path(meta["model_id"].rstrip("/\\")).name or meta["model_type"])
     corpus = meta["corpus_name"]
     corpus = corpus.split(":")[0].split("/")[-1] if ":" in corpus else Path(corpus).stem
+    extra = "__first" if meta.get("corpus_subset") == "first" else ""
+    extra += f"__{_slug(meta['mom2_dtype'])}" if meta.get("mom2_dtype", "float32") != "float32" else ""
     return (
         f"{model}__{_slug(meta['module'], 100)}__{_slug(corpus)}"
-        f"__n{meta['n_samples']}__len{meta['max_length']}.safetensors"
+        f"__n{meta['n_samples']}__len{meta['max_length']}{extra}.safetensors"
     )
 
 
@@ -795,16 +707,23 @@ def get_second_moments(
     model_id: str | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    *,
+    mom2_dtype: str = "float32",
+    subset: str = "random",
 ) -> dict[str, torch.Tensor]:
-    """E[k k^T] of the inputs of ``module_names`` over the first ``n_samples`` documents of
-    ``corpus``, from the cache where valid, all missing modules computed in one pass.
+    """E[k k^T] of the inputs of ``module_names`` over ``n_samples`` documents of ``corpus``
+    (a seeded random subset by default), from the cache where valid, all missing modules
+    computed in one pass.
 
     Args:
-        model, tok, module_names, max_length, batch_size, progress: as in
+        model, tok, module_names, max_length, batch_size, progress, mom2_dtype: as in
             :func:`collect_second_moments`.
-        corpus, n_samples: as in :func:`read_corpus`. A local corpus is always read (cheap) to
-            fingerprint the documents used; a hub corpus only when something must be computed.
-        cache_dir: directory for the cache files (created if missing); ``None`` disables caching.
+        corpus, n_samples, subset: as in :func:`read_corpus` (``corpus`` is what
+            ``mom2_dataset`` holds). Any corpus but a single hub corpus is always read to
+            fingerprint the documents used (for ``sampled`` that generates the text once, then
+            reads its cache file); a hub corpus only when something must be computed.
+        cache_dir: directory for the cache files (created if missing); ``None`` disables caching
+            of the statistics (a ``sampled`` corpus is cached regardless, see :func:`read_sampled`).
         model_id: readable model name for file names and metadata (default:
             ``config.name_or_path``).
 
@@ -814,24 +733,31 @@ def get_second_moments(
 
     Cache files (one per module) hold the mean and the metadata of :func:`request_metadata`.
     A file that is truncated, corrupted or made for another request (model weights, tokenizer,
-    corpus text, sample count, max length, format) is reported with a warning and recomputed.
+    corpus text and subset, sample count, max length, ``mom2_dtype``, format) is reported with a
+    warning and recomputed.
     Computing and writing happen under a ``filelock.FileLock`` per (model, corpus, n, length),
     so concurrent processes compute each file once; writes are atomic.
     """
     names = _validate_module_names(model, module_names)
     _check_positive_int(n_samples, "n_samples")
     _check_positive_int(batch_size, "batch_size")
+    check_mom2_dtype(mom2_dtype)
     max_length = _effective_max_length(model, max_length)
     modules = dict(model.named_modules())
     devices = {n: _accumulation_device(_module_device(model, modules[n])) for n in names}
 
+    def read() -> list[str]:
+        return read_corpus(corpus, n_samples, subset=subset, model=model, tok=tok, max_length=max_length,
+                           progress=progress)
+
     hub = _is_hf_corpus(str(corpus))
-    texts: list[str] | None = None if hub else read_corpus(corpus, n_samples)
+    texts: list[str] | None = None if hub else read()
 
     if cache_dir is None:
         if texts is None:
-            texts = read_corpus(corpus, n_samples)
-        raw = collect_second_moments(model, tok, names, texts, max_length, batch_size, progress)
+            texts = read()
+        raw = collect_second_moments(model, tok, names, texts, max_length, batch_size, progress,
+                                     mom2_dtype=mom2_dtype)
         return {n: _mean(n, s, c).to(devices[n]) for n, (s, c) in raw.items()}
 
     cache_dir = Path(os.path.expanduser(os.fspath(cache_dir)))
@@ -844,7 +770,7 @@ def get_second_moments(
     tfp = tokenizer_fingerprint(tok)
     metas = {
         n: request_metadata(model, tok, n, corpus, texts, n_samples, max_length, model_id,
-                            _fingerprints=(fingerprints[n], tfp))
+                            subset=subset, mom2_dtype=mom2_dtype, _fingerprints=(fingerprints[n], tfp))
         for n in names
     }
     paths = {n: cache_dir / cache_file_name(metas[n]) for n in names}
@@ -866,9 +792,10 @@ def get_second_moments(
             missing = [n for n in names if n not in result]
             if missing:
                 if texts is None:
-                    texts = read_corpus(corpus, n_samples)
+                    texts = read()
                 logger.info("computing second moments for %s over %d documents", missing, len(texts))
-                raw = collect_second_moments(model, tok, missing, texts, max_length, batch_size, progress)
+                raw = collect_second_moments(model, tok, missing, texts, max_length, batch_size, progress,
+                                             mom2_dtype=mom2_dtype)
                 for n in missing:
                     s, c = raw[n]
                     mean = _mean(n, s, c)
@@ -882,6 +809,160 @@ def get_second_moments(
         finally:
             lock.release()
     return {n: result[n] for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled corpus: text written by the model (the ``sampled`` source of read_corpus)
+# ---------------------------------------------------------------------------------------------
+
+#: Neutral one-word starts of the sampled documents (document i starts with entry i % 16).
+SAMPLED_STARTS: tuple[str, ...] = ("The", "A", "In", "It", "This", "On", "When", "He", "She", "They",
+                                   "We", "There", "After", "One", "Many", "For")
+SAMPLED_TOP_K = 50
+SAMPLED_TEMPERATURE = 1.0
+#: Part of the sampled corpus' cache key; bump when the sampling procedure changes.
+SAMPLED_VERSION = "1"
+#: Documents per generation batch (the text does not depend on it).
+SAMPLED_BATCH = 64
+_FFN_OUT_0 = re.compile(r"\.0\.mlp\.(down_proj|c_proj|fc_out|dense_4h_to_h)$")
+
+
+def sampled_cache_path(model, tok, n: int, max_length: int, seed: int = DEFAULT_SEED,
+                       cache_dir: str | Path | None = None) -> Path:
+    """Cache file of a sampled corpus: ``<root>/corpus/sampled/<model type>__<key>__n<n>__len<L>
+    __seed<s>__v<version>.jsonl``; ``key`` hashes the weights fingerprint of the statistics cache
+    (embeddings and first block, FFN output projections excluded, so edits keep the file) and the
+    tokenizer fingerprint."""
+    if cache_dir is None:
+        from .models import default_cache_dir  # noqa: PLC0415
+
+        cache_dir = default_cache_dir()
+    ffn = [name for name, _ in model.named_modules() if _FFN_OUT_0.search(name)]
+    key = hashlib.sha256((weights_fingerprint(model, ffn[:1]) + tokenizer_fingerprint(tok)).encode()).hexdigest()
+    kind = _slug(str(getattr(getattr(model, "config", None), "model_type", "") or "model"), 40)
+    name = f"{kind}__{key[:16]}__n{n}__len{max_length}__seed{seed}__v{SAMPLED_VERSION}.jsonl"
+    return Path(os.path.expanduser(os.fspath(cache_dir))) / "corpus" / "sampled" / name
+
+
+def read_sampled(model, tok, n: int, max_length: int, seed: int = DEFAULT_SEED,
+                 cache_dir: str | Path | None = None, progress: bool = False) -> list[str]:
+    """The sampled corpus of ``model``: read from its cache file (:func:`sampled_cache_path`) if
+    that holds ``n`` documents, else generated (:func:`sample_corpus`) and written atomically."""
+    if model is None or tok is None:
+        raise ValueError("corpus 'sampled' is text generated by the model: pass model= and tok= to "
+                         "read_corpus (get_second_moments does)")
+    _check_positive_int(max_length, "max_length")
+    path = sampled_cache_path(model, tok, n, max_length, seed, cache_dir)
+    if path.is_file():
+        try:
+            docs = _read_local_corpus(path)
+            if len(docs) == n:
+                return docs
+            problem = f"{len(docs)} documents instead of {n}"
+        except (ValueError, OSError) as e:
+            problem = str(e)
+        logger.warning("sampled corpus cache %s is invalid (%s); generating it again", path, problem)
+    logger.info("generating the sampled corpus: %d documents of up to %d tokens from the model (seed %d)",
+                n, max_length, seed)
+    docs = sample_corpus(model, tok, n, max_length, seed, progress=progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        logger.info("wrote %s", path)
+    except OSError as e:
+        logger.warning("could not write the sampled corpus cache %s (%s); continuing uncached", path, e)
+    return docs
+
+
+def _doc_seed(seed: int, i: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little") >> 1
+
+
+def sample_corpus(model, tok, n: int, max_length: int, seed: int = DEFAULT_SEED,
+                  batch_size: int = SAMPLED_BATCH, progress: bool = False) -> list[str]:
+    """``n`` documents written by ``model`` itself: a data-free corpus for C_0.
+
+    Why: C_0 stands for the keys the model meets on general text; the model's own samples are
+    text of its own distribution, so their keys need no data shipped or downloaded (and no
+    Wikipedia). One-word starts rather than BOS alone: a chat model started from BOS alone tends
+    to write chat-template text.
+
+    How: document ``i`` starts from the neutral word ``SAMPLED_STARTS[i % 16]`` ("The", "A",
+    "In", ...; tokenised with the tokenizer's defaults, so a BOS token comes first where the
+    tokenizer adds one) and continues by top-k sampling (k = 50, temperature 1) until a special
+    token (EOS, the model's EOS ids, BOS, padding, ...) or ``max_length`` tokens in all (start
+    included): the statistics' length, so the documents fill the positions C_0 covers. Its
+    random numbers come from its own ``torch.Generator`` seeded from ``(seed, i)``, so the text
+    depends neither on the global RNG state nor on the batching (``batch_size`` documents with
+    the same start run together, with a KV cache) nor on ``n`` (document ``i`` is the same for
+    every ``n > i``); it does depend on the device and the torch version through the logits.
+    The text is decoded without special tokens and stripped; the start word keeps it non-empty.
+    Runs under ``torch.no_grad`` in eval mode (the training flag is restored). Cost: one forward
+    pass of the whole model per token, e.g. ~90 tokens/s for SmolLM2-135M on one CPU core.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    _check_positive_int(n, "n")
+    _check_positive_int(max_length, "max_length")
+    device = _input_device(model)
+    stops = [tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+             *getattr(tok, "all_special_ids", [])]
+    eos = {t for t in stops for t in (t if isinstance(t, (list, tuple)) else [t]) if isinstance(t, int)}
+    starts = [list(tok(s)["input_ids"]) or [tok.bos_token_id] for s in SAMPLED_STARTS]
+    jobs = []
+    for s in range(len(starts)):
+        rows = list(range(s, n, len(starts)))
+        jobs += [(s, rows[j:j + batch_size]) for j in range(0, len(rows), batch_size)]
+    texts: list[str] = [""] * n
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for s, rows in tqdm(jobs, desc="sampling corpus", unit="batch", disable=not progress):
+                prompt = starts[s]
+                u = torch.stack([torch.rand(max_length, generator=torch.Generator().manual_seed(_doc_seed(seed, i)))
+                                 for i in rows])
+                for i, gen in zip(rows, _sample_rows(model, prompt, u, max_length - len(prompt), eos, device)):
+                    texts[i] = tok.decode(prompt + gen, skip_special_tokens=True).strip() or SAMPLED_STARTS[s]
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _sample_rows(model, prompt: list[int], u: torch.Tensor, steps: int, eos: set[int], device) -> list[list[int]]:
+    """Continue ``prompt`` in ``len(u)`` rows for up to ``steps`` tokens; row r draws token t by
+    inverting the top-k CDF at ``u[r, t]``. Each row is cut before its first EOS token."""
+    x = torch.tensor([prompt] * u.shape[0], dtype=torch.long, device=device)
+    # the key/value cache argument: ``cache`` in recent transformers, ``past_key_values`` before
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past, out = None, []
+    done = torch.zeros(u.shape[0], dtype=torch.bool)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    for t in range(max(0, steps)):
+        res = model(input_ids=x, use_cache=True, **{cache_kw: past})
+        past = getattr(res, "cache", None)
+        past = getattr(res, "past_key_values", None) if past is None else past
+        vals, idx = res.logits[:, -1].float().cpu().topk(min(SAMPLED_TOP_K, res.logits.shape[-1]), dim=-1)
+        cdf = torch.softmax(vals / SAMPLED_TEMPERATURE, dim=-1).cumsum(-1)
+        pick = (cdf < u[:, t:t + 1] * cdf[:, -1:]).sum(-1).clamp_max(idx.shape[1] - 1)
+        nxt = idx.gather(1, pick[:, None])
+        out.append(nxt)
+        done |= torch.isin(nxt[:, 0], eos_t)
+        if bool(done.all()):
+            break
+        x = nxt.to(device)
+    rows = torch.cat(out, 1).tolist() if out else [[] for _ in range(u.shape[0])]
+    return [r[: next((j for j, tk in enumerate(r) if tk in eos), len(r))] for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -918,7 +999,13 @@ def build_arg_parser():
     p.add_argument("--layers", default=None,
                    help="comma-separated layers, e.g. 4,8 (default: the layers the config edits)")
     p.add_argument("--n-samples", type=int, default=None, help="corpus documents (default: mom2_n_samples)")
-    p.add_argument("--corpus", default=None, help="corpus file or wikipedia/wikitext (default: mom2_dataset)")
+    p.add_argument("--corpus", default=None,
+                   help="corpus: a text/.jsonl file, wikipedia, wikitext, wordnet, sampled or a combination such "
+                        "as wordnet+sampled (default: mom2_dataset)")
+    p.add_argument("--subset", choices=list(SUBSETS), default="random",
+                   help="which documents: a seeded random subset (default) or the first ones")
+    p.add_argument("--mom2-dtype", choices=sorted(MOM2_DTYPES), default=None,
+                   help="dtype the keys are cast to before their products (default: mom2_dtype)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: mom2_max_length)")
     p.add_argument("--stats-dir", default=None,
                    help="cache folder (default: the config's stats_dir, else <cache>/stats as the engine uses)")
@@ -969,6 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             changes["mom2_dataset"] = args.corpus
         if args.max_length is not None:
             changes["mom2_max_length"] = args.max_length
+        if args.mom2_dtype is not None:
+            changes["mom2_dtype"] = args.mom2_dtype
         layers = _parse_layers(args.layers) if args.layers is not None else list(hp.edit_layers)
         changes["layers"] = layers
         hp = hp.replace(**changes)
@@ -988,6 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, tok, names, corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
             max_length=hp.mom2_max_length, cache_dir=cache_dir, model_id=model_id,
             batch_size=args.batch_size, progress=not args.no_progress, overwrite=args.overwrite,
+            mom2_dtype=hp.mom2_dtype, subset=args.subset,
         )
         if info.is_main:
             tokens = sum(r["tokens"] for r in run.ranks)
@@ -1004,6 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = {
                     "model": hp.model_name, "model_id": model_id, "modules": names,
                     "corpus": hp.mom2_dataset, "n_samples": hp.mom2_n_samples, "max_length": hp.mom2_max_length,
+                    "subset": args.subset, "mom2_dtype": hp.mom2_dtype,
                     "batch_size": args.batch_size, "world_size": info.world_size, "backend": info.backend,
                     "device": str(info.device), "threads": torch.get_num_threads(),
                     "computed": run.computed, "cached": run.cached, "count": run.count,

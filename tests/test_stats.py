@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blue_plugin import corpus as corpus_mod
 from blue_plugin import stats
 from blue_plugin.stats import (
     collect_second_moments,
@@ -198,9 +199,9 @@ def test_bad_inputs(llama, tok):
 NAMES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 
 
-def _get(model, tok, corpus, cache_dir, n=20, names=NAMES, max_length=16):
+def _get(model, tok, corpus, cache_dir, n=20, names=NAMES, max_length=16, **kw):
     return get_second_moments(model, tok, names, str(corpus), n, max_length, cache_dir,
-                              model_id="tiny-llama", batch_size=4, progress=False)
+                              model_id="tiny-llama", batch_size=4, progress=False, **kw)
 
 
 def _layer0_calls(model, fn):
@@ -367,13 +368,16 @@ def test_editing_down_proj_keeps_cache(llama, tok, corpus_file, tmp_path):
 
 def test_corpus_text_change_invalidates(llama, tok, corpus_file, tmp_path):
     cache = tmp_path / "cache"
-    _get(llama, tok, corpus_file, cache, n=5)
-    with open(corpus_file, "a", encoding="utf-8") as f:  # appending after the used lines: still valid
+    _get(llama, tok, corpus_file, cache, n=5, subset="first")
+    _get(llama, tok, corpus_file, cache, n=5)  # the default random subset: a file of its own
+    with open(corpus_file, "a", encoding="utf-8") as f:  # appending after the first lines
         f.write("the king of france\n")
+    _, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache, n=5, subset="first"))
+    assert calls == 0  # the first 5 documents did not change: still valid
     _, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache, n=5))
-    assert calls == 0
+    assert calls == 2  # one more document: another random subset, so recomputed
     corpus_file.write_text("the queen of paris\n" + corpus_file.read_text(encoding="utf-8"), encoding="utf-8")
-    _, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache, n=5))
+    _, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache, n=5, subset="first"))
     assert calls == 2
 
 
@@ -428,7 +432,7 @@ def test_request_metadata_is_reusable(llama, tok, corpus_file):
 def test_read_text_skips_blank_lines(tmp_path):
     p = tmp_path / "c.txt"
     p.write_text("  first doc \n\n   \nsecond doc\nthird\n", encoding="utf-8")
-    assert read_corpus(str(p), 2) == ["first doc", "second doc"]
+    assert read_corpus(str(p), 2, subset="first") == ["first doc", "second doc"]
     assert read_corpus(str(p), 10) == ["first doc", "second doc", "third"]
 
 
@@ -487,11 +491,11 @@ def test_hub_corpus_cache_hit_needs_no_hub(llama, tok, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def fake_hub(name, n):
+    def fake_hub(name, n, **kw):
         calls.append((name, n))
         return _make_texts(n, seed=5)
 
-    monkeypatch.setattr(stats, "_read_hf_corpus", fake_hub)
+    monkeypatch.setattr(corpus_mod, "_read_hf_corpus", fake_hub)
     cache = tmp_path / "cache"
     a = _get(llama, tok, "wikipedia", cache, n=6)
     assert calls == [("wikipedia", 6)]
