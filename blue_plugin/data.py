@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("counterfact", "counterfact_rome", "counterfact_templates", "zsre")
 
+#: 20 counterfactual facts written for this project (EasyEdit CounterFact format, each with a
+#: paraphrase and a neighbourhood prompt): the data-free main job and tests use them.
+BUILTIN_FACTS = Path(__file__).resolve().parent / "resources" / "counterfacts.json"
+
 _ZSRE_KEYS = {"src", "alt", "answers", "rephrase", "loc", "loc_ans"}
 _TEMPLATES_KEYS = {"prompt", "subject", "fact_knowledge", "edited_knowledge"}
 _COUNTERFACT_KEYS = {"prompt", "subject", "target_new", "ground_truth"}
