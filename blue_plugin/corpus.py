@@ -247,8 +247,8 @@ def _read_hf_corpus(name: str, n_samples: int, subset: str = "random", seed: int
 
 def find_wordnet() -> Path:
     """The WordNet dict directory (see the module docstring for the search order) or, failing
-    that, ``$BLUE_PLUGIN_DATA/corpus/wordnet-glosses.txt``; ``ValueError`` (with the install hint)
-    if neither exists."""
+    that, ``$BLUE_PLUGIN_DATA/corpus/wordnet-glosses.txt`` (``$BLUE_PLUGIN_DATA`` may join several
+    folders with ``os.pathsep``); ``ValueError`` (with the install hint) if neither exists."""
     candidates = [(f"${var}", Path(os.environ[var]).expanduser() / sub)
                   for var, sub in (("WNSEARCHDIR", ""), ("WNHOME", "dict")) if os.environ.get(var)]
     candidates += [("", Path(d)) for d in WORDNET_SYSTEM_DIRS]
@@ -258,11 +258,13 @@ def find_wordnet() -> Path:
         if label:
             logger.warning("%s points to %s, which holds no WordNet data.{noun,verb,adj,adv}; looking further",
                            label, folder)
-    data = os.environ.get("BLUE_PLUGIN_DATA")
-    if data and (Path(data).expanduser() / WORDNET_GLOSSES_FILE).is_file():
-        return Path(data).expanduser() / WORDNET_GLOSSES_FILE
+    files = [Path(d).expanduser() / WORDNET_GLOSSES_FILE
+             for d in os.environ.get("BLUE_PLUGIN_DATA", "").split(os.pathsep) if d]
+    for file in files:
+        if file.is_file():
+            return file
     searched = ", ".join(str(f) for _, f in candidates)
-    extra = f" and no {Path(data).expanduser() / WORDNET_GLOSSES_FILE}" if data else ""
+    extra = f" and no {' or '.join(map(str, files))}" if files else ""
     raise ValueError(f"corpus 'wordnet' needs the WordNet database, but no data.noun/verb/adj/adv was found "
                      f"in {searched}{extra}: {INSTALL_HINT}")
 

@@ -117,7 +117,7 @@ def test_wordnet_search_order_and_fallback_file(wordnet_dir, tmp_path, monkeypat
     data = tmp_path / "data"
     (data / "corpus").mkdir(parents=True)
     (data / "corpus" / "wordnet-glosses.txt").write_text("\n".join(expected) + "\n", encoding="utf-8")
-    monkeypatch.setenv("BLUE_PLUGIN_DATA", str(data))
+    monkeypatch.setenv("BLUE_PLUGIN_DATA", os.pathsep.join([str(tmp_path / "elsewhere"), str(data)]))
     assert C.find_wordnet() == data / "corpus" / "wordnet-glosses.txt"
     assert read_corpus("wordnet", 100) == expected
     # the same documents give the same identity, wherever they were read from
@@ -138,9 +138,9 @@ def test_missing_wordnet_says_what_to_install(no_wordnet, tmp_path):
 def test_real_wordnet_matches_the_glosses_file(monkeypatch):
     """Debian's wordnet-base parsed at run time equals the one-gloss-per-line file (set
     BLUE_PLUGIN_DATA to the folder that holds corpus/wordnet-glosses.txt)."""
-    data = os.environ.get("BLUE_PLUGIN_DATA")
-    glosses = Path(data) / C.WORDNET_GLOSSES_FILE if data else None
-    if glosses is None or not glosses.is_file():
+    found = [Path(d) / C.WORDNET_GLOSSES_FILE for d in os.environ.get("BLUE_PLUGIN_DATA", "").split(os.pathsep) if d]
+    glosses = next((f for f in found if f.is_file()), None)
+    if glosses is None:
         pytest.skip("BLUE_PLUGIN_DATA/corpus/wordnet-glosses.txt not available")
     monkeypatch.delenv("BLUE_PLUGIN_DATA")
     try:
