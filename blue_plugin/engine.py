@@ -88,7 +88,7 @@ class Editor:
 
     def _c0_key(self, layer: int) -> tuple:
         hp = self.hp
-        return (layer, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_adjustment)
+        return (layer, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_dtype, hp.mom2_adjustment)
 
     def ensure_second_moments(self, layers: Sequence[int], progress: bool = True) -> None:
         """Load (or compute, in one pass, with a progress bar unless ``progress=False``) C0 for
@@ -116,6 +116,7 @@ class Editor:
             corpus=self.hp.mom2_dataset,
             n_samples=self.hp.mom2_n_samples,
             max_length=self.hp.mom2_max_length,
+            mom2_dtype=self.hp.mom2_dtype,
             cache_dir=cache_dir,
             model_id=str(model_id),
             progress=progress,

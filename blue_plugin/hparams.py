@@ -167,7 +167,8 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
     )
     mom2_n_samples: int = _f(1000, "Number of corpus documents for C_0.", _INT)
     mom2_max_length: int = _f(128, "Tokens per corpus document (longer ones are truncated).", _INT)
-    mom2_dtype: str = _f("float32", "dtype in which C_0 is kept after accumulation (always in float64).", _STR)
+    mom2_dtype: str = _f("float32", "dtype the keys are cast to before their products are formed (as MEMIT's layer_stats precision); "
+        "the totals and C_0 are always float64.", _STR)
     stats_dir: Optional[str] = _f(None, "Cache folder for statistics (None: the user cache dir).", _OPT_STR)
 
     # --- EasyEdit bookkeeping --------------------------------------------------------------
