@@ -15,7 +15,7 @@ Analyses (``--what``, comma-separated; ``all`` = every one):
                   kinds given in ``--trace-kinds``) with suggested critical layers;
 ``dynamic``       (7) sequential CounterFact edits with fixed vs dynamically chosen boundary layers.
 
-Definitions: :mod:`blue_plugin.analysis`, :mod:`blue_plugin.tracing`, :mod:`blue_plugin.selection`.
+Definitions: :mod:`blue_plugin.research.analysis`, :mod:`blue_plugin.research.tracing`, :mod:`blue_plugin.editing.selection`.
 Outputs in ``--out``: ``analysis.json`` (config, versions, machine, timings, every result),
 ``summary.md`` and one PNG per analysis. A finished analysis is kept in ``analysis.json`` and
 skipped when the command runs again with the same settings (other ``--what`` lists add to the same
@@ -116,7 +116,7 @@ def build_hparams(args) -> Any:
 
 def valid_requests(tok, hp, cases: Sequence[Any]) -> tuple[list[dict], list[Any]]:
     """The cases whose edit requests the engine accepts (others are logged and skipped)."""
-    from blue_plugin.requests import prepare_requests
+    from blue_plugin.editing.requests import prepare_requests
 
     reqs, kept = [], []
     for c in cases:
@@ -148,11 +148,11 @@ def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: 
     (``layers[0]``, ``layers[-1]``) and with ``layer_selection: dynamic`` (the engine chooses them
     per batch), each from the unedited model in a scratch state; efficacy / generalization /
     specificity of all cases at the end of each run, and the layers the engine chose."""
-    from blue_plugin.analysis import scratch_state, weights_restored
-    from blue_plugin.engine import Editor
-    from blue_plugin.metrics import counterfact_case_scores
-    from blue_plugin.selection import window_layers
-    from blue_plugin.state import get_state
+    from blue_plugin.research.analysis import scratch_state, weights_restored
+    from blue_plugin.editing.editor import Editor
+    from blue_plugin.evaluation.metrics import counterfact_case_scores
+    from blue_plugin.editing.selection import window_layers
+    from blue_plugin.editing.state import get_state
 
     dyn_hp = hp.replace(blue=True, layer_selection="dynamic", dynamic_window=window, dynamic_criterion=criterion)
     fixed_hp = dyn_hp.replace(layer_selection="all")
@@ -187,8 +187,8 @@ def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: 
 
 def run_analysis(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     """Compute one analysis; ``ctx`` holds the model, tokenizer, hparams, requests and options."""
-    from blue_plugin import analysis as A
-    from blue_plugin import tracing as T
+    from blue_plugin.research import analysis as A
+    from blue_plugin.research import tracing as T
 
     model, tok, hp, reqs, args = ctx["model"], ctx["tok"], ctx["hp"], ctx["requests"], ctx["args"]
 
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--what", default=",".join(DEFAULT_WHAT), help=f"comma-separated from {', '.join(ANALYSES)}, or 'all' (default: all but dynamic)")
     p.add_argument("--n", type=int, default=20, help="CounterFact requests for analyses 1-5 (default 20)")
     p.add_argument("--out", required=True, help="output folder (analysis.json, summary.md, PNGs)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="CounterFact JSON (any format blue_plugin.data reads)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CounterFact JSON (any format blue_plugin.evaluation.data reads)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded model name or local HF folder (default {DEFAULT_MODEL})")
     p.add_argument("--hparams", default=None, help=f"YAML (default {DEFAULT_HPARAMS.relative_to(REPO_ROOT)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter (repeatable)")
@@ -525,8 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from blue_plugin.data import load_cases
-    from blue_plugin.models import load_model
+    from blue_plugin.evaluation.data import load_cases
+    from blue_plugin.model.loading import load_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()

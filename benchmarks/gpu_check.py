@@ -7,7 +7,7 @@ word-level tokenizer built in memory; requests, subjects and targets are synthet
 hyperparameters are ``hparams/BLUE/llama3-8b.yaml`` (critical layers 4-8, so BLUE updates layers 4
 and 8; 25 optimisation steps; ``v_max_batch_tokens`` as there unless ``--max-batch-tokens``).
 
-Synthetic statistics are injected into the model's :class:`~blue_plugin.state.EditState` instead
+Synthetic statistics are injected into the model's :class:`~blue_plugin.editing.state.EditState` instead
 of a corpus pass: for each edited layer, C0 = A A^T / m + 1e-3 I in float64, with A a d x m
 Gaussian matrix (d = MLP width, m = d / 2). Its range has eigenvalues of order 1 and its null space
 (eigenvalue 1e-3, below AlphaEdit's threshold 2e-2) has dimension d / 2, so AlphaEdit's projector
@@ -222,9 +222,9 @@ def run_check(
 ) -> dict[str, Any]:
     """Build the model, inject statistics and prefixes, edit, and write the JSON report to ``out``
     (also after every method). Returns the report; ``report["ok"]`` is False when a method failed."""
-    from blue_plugin.engine import Editor, apply_blue_to_model
+    from blue_plugin.editing.editor import Editor, apply_blue_to_model
     from blue_plugin.hparams import BLUEHyperParams
-    from blue_plugin.state import get_state, reset_state
+    from blue_plugin.editing.state import get_state, reset_state
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:

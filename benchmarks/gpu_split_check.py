@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blue_plugin import apply_blue_to_model, get_state  # noqa: E402
 from blue_plugin.hparams import BLUEHyperParams  # noqa: E402
-from blue_plugin.stats import get_second_moments  # noqa: E402
+from blue_plugin.stats.moments import get_second_moments  # noqa: E402
 
 N_LAYERS = 8
 WORDS = (

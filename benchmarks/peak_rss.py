@@ -48,7 +48,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from benchmarks.common import current_rss_mib, peak_rss_mib
     from blue_plugin import BLUEHyperParams, apply_blue_to_model, get_state, load_model
-    from blue_plugin.data import load_cases
+    from blue_plugin.evaluation.data import load_cases
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

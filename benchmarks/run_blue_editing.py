@@ -93,7 +93,7 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
     Returns a dict with ``prompts, target_new, ground_truth, subject, rephrase_prompts,
     locality_inputs`` (one entry per case) and ``format`` / ``case_ids`` for the record.
     """
-    from blue_plugin.data import detect_format, records_to_cases
+    from blue_plugin.evaluation.data import detect_format, records_to_cases
 
     with open(path, encoding="utf-8") as fh:
         records = json.load(fh)
@@ -174,12 +174,12 @@ def build_hparams(args: argparse.Namespace):
 
 def make_editor(hp, load_with: str = "auto"):
     """``BaseEditor`` for ``hp``. Models that EasyEdit cannot load by name (the embedded SmolLM2,
-    or ``--load_with blue``) are loaded with :func:`blue_plugin.models.load_model` and passed as
+    or ``--load_with blue``) are loaded with :func:`blue_plugin.model.loading.load_model` and passed as
     ``(model, tok)``."""
     from easyeditor import BaseEditor  # type: ignore
 
-    from blue_plugin.easyedit import with_model
-    from blue_plugin.models import EMBEDDED_MODEL_NAMES, load_model
+    from blue_plugin.integrations.easyedit import with_model
+    from blue_plugin.model.loading import EMBEDDED_MODEL_NAMES, load_model
 
     name = str(hp.model_name)
     embedded = name.lower() in {n.lower() for n in EMBEDDED_MODEL_NAMES}
@@ -287,7 +287,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="Override the YAML's device ('cpu', or a CUDA index).")
     p.add_argument("--mom2_dataset", default=None, help="Override the corpus for the key statistics.")
     p.add_argument("--load_with", default="auto", choices=["auto", "easyedit", "blue"],
-                   help="Who loads the model: EasyEdit by model_name, or blue_plugin.models.load_model "
+                   help="Who loads the model: EasyEdit by model_name, or blue_plugin.model.loading.load_model "
                         "(passed to BaseEditor as (model, tok)); auto = blue for the embedded SmolLM2.")
     p.add_argument("--test_generation", action="store_true", help="Also EasyEdit's fluency (n-gram entropy; slow).")
     p.add_argument("--eval_final", action="store_true", help="Re-evaluate all cases on the final model after all edits.")
@@ -302,7 +302,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to the output JSON."""
     args = parse_args(argv)
-    from blue_plugin.easyedit import register_with_easyedit
+    from blue_plugin.integrations.easyedit import register_with_easyedit
 
     report = register_with_easyedit(verbose=False, root=args.easyedit_root)
     from easyeditor import summary_metrics  # type: ignore

@@ -6,7 +6,7 @@ without restoring, and evaluate all N cases on the final model. Methods: MEMIT, 
 AlphaEdit (``blue: false``, the original residual distribution) and their ``_BLUE`` variants
 (``blue: true``), all built from one YAML with only ``base_method`` / ``blue`` changed.
 
-Metrics (:mod:`blue_plugin.metrics`, DESIGN.md section 4), mean and 95% bootstrap interval:
+Metrics (:mod:`blue_plugin.evaluation.metrics`, DESIGN.md section 4), mean and 95% bootstrap interval:
 CounterFact -- efficacy, generalization, specificity (NLL comparisons), fluency (weighted bi/tri-gram
 entropy of greedy generations from the generation prompts, which are the edit prompts for EasyEdit's
 CounterFact), consistency (n/a: no reference snippets); zsRE -- efficacy, generalization (token
@@ -223,16 +223,16 @@ def evaluate_cases(
     """Per-case scores of ``cases`` on the current ``model`` (see the module docstring).
 
     Args:
-        fmt: dataset format from :func:`blue_plugin.data.load_cases`.
-        pre_locality: zsRE only: :func:`blue_plugin.metrics.zsre_locality_predictions` of the
+        fmt: dataset format from :func:`blue_plugin.evaluation.data.load_cases`.
+        pre_locality: zsRE only: :func:`blue_plugin.evaluation.metrics.zsre_locality_predictions` of the
             unedited model on the same cases.
         fluency_tokens: CounterFact only: new tokens per greedy generation; 0 skips fluency.
 
     Returns:
-        one dict per case with every metric of :data:`blue_plugin.metrics.METRICS` (None where
+        one dict per case with every metric of :data:`blue_plugin.evaluation.metrics.METRICS` (None where
         not applicable) plus the raw values the metric functions return.
     """
-    from blue_plugin import metrics
+    from blue_plugin.evaluation import metrics
 
     if fmt in CF_FORMATS:
         scores = metrics.counterfact_case_scores(model, tok, cases, batch_size)
@@ -255,7 +255,7 @@ def evaluate_cases(
 
 
 def _summarize(scores: Sequence[dict], seed: int) -> dict[str, dict[str, Any]]:
-    from blue_plugin import metrics
+    from blue_plugin.evaluation import metrics
 
     return metrics.summarize(scores, seed=seed)
 
@@ -280,8 +280,8 @@ def prepare_statistics(editor, hp, measure_cold: bool = False, progress: bool = 
         ``cached_s`` (a second call served from the disk cache), ``cold_s`` (a full pass: the first
         call when it computed, else a pass without cache if ``measure_cold``, else None).
     """
-    from blue_plugin.models import default_cache_dir
-    from blue_plugin.stats import get_second_moments
+    from blue_plugin.model.loading import default_cache_dir
+    from blue_plugin.stats.moments import get_second_moments
 
     layers = list(hp.layers)
     info: dict[str, Any] = {"layers": layers, "mom2_adjustment": hp.mom2_adjustment,
@@ -416,12 +416,12 @@ def load_checkpoint(folder: Path, editor, layers: Sequence[int]) -> Optional[dic
 
 class _LocalCheckpoints:
     """Per-method progress with :func:`save_checkpoint` / :func:`load_checkpoint` (used when
-    :mod:`blue_plugin.session` is not available)."""
+    :mod:`blue_plugin.editing.session` is not available)."""
 
     kind = "local"
 
     def __init__(self, folder: Path, model, tok, hp, layers: Sequence[int]):
-        from blue_plugin.engine import Editor
+        from blue_plugin.editing.editor import Editor
 
         self.folder, self.layers = folder, list(layers)
         self.editor = Editor(model, tok, hp)
@@ -441,7 +441,7 @@ class _LocalCheckpoints:
 
 
 class _SessionCheckpoints:
-    """Per-method progress with :class:`blue_plugin.session.EditSession` (``save`` / ``load``);
+    """Per-method progress with :class:`blue_plugin.editing.session.EditSession` (``save`` / ``load``);
     the benchmark's own bookkeeping (wall times, curve) goes to ``progress.json`` next to it."""
 
     kind = "EditSession"
@@ -479,9 +479,9 @@ class _SessionCheckpoints:
 
 
 def _session_class():
-    """:class:`blue_plugin.session.EditSession` when that module exists, else None."""
+    """:class:`blue_plugin.editing.session.EditSession` when that module exists, else None."""
     try:
-        from blue_plugin.session import EditSession
+        from blue_plugin.editing.session import EditSession
     except ImportError:
         return None
     return EditSession
@@ -532,7 +532,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _weights_digest(tensors: dict[int, torch.Tensor]) -> str:
-    from blue_plugin.state import fingerprint
+    from blue_plugin.editing.state import fingerprint
 
     h = hashlib.sha256()
     for l in sorted(tensors):
@@ -589,7 +589,7 @@ def run_benchmark(
         model, tok: an already loaded model and tokenizer (e.g. a test fixture). Its weights must
             be unedited; they are restored to their values at the start before this returns.
             None: load ``model_name`` (default :data:`DEFAULT_MODEL`) with
-            :func:`blue_plugin.models.load_model`.
+            :func:`blue_plugin.model.loading.load_model`.
         device, dtype: move/load the model to this device ("cpu", "cuda", "cuda:1") / dtype name.
         mom2_n_samples, steps, stats_dir: override ``mom2_n_samples``, ``v_num_grad_steps``,
             ``stats_dir`` of the YAML.
@@ -600,7 +600,7 @@ def run_benchmark(
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the last checkpoint tensors of finished methods.
         restart: discard progress in ``out`` instead of resuming.
-        checkpoints: how progress is saved: "session" (:class:`blue_plugin.session.EditSession`),
+        checkpoints: how progress is saved: "session" (:class:`blue_plugin.editing.session.EditSession`),
             "local" (this module's :func:`save_checkpoint`), "auto" (session when importable).
         on_batch: called as ``on_batch(method, batches_done)`` after each saved checkpoint, with
             the model in its edited state (a test hook; raising stops the run, progress is kept).
@@ -612,11 +612,11 @@ def run_benchmark(
         ValueError: bad arguments, or ``out`` holding progress of a different configuration
             (pass ``restart=True`` or another ``out``).
     """
-    from blue_plugin.data import load_cases
-    from blue_plugin.engine import Editor
-    from blue_plugin.metrics import zsre_locality_predictions
-    from blue_plugin.models import load_model
-    from blue_plugin.state import get_state, reset_state
+    from blue_plugin.evaluation.data import load_cases
+    from blue_plugin.editing.editor import Editor
+    from blue_plugin.evaluation.metrics import zsre_locality_predictions
+    from blue_plugin.model.loading import load_model
+    from blue_plugin.editing.state import get_state, reset_state
 
     method_list = parse_methods(methods)
     _check_int("n", n, 1)
@@ -698,8 +698,8 @@ def run_benchmark(
         write_json(cfg_file, {"hash": chash, "config": config})
     session_cls = _session_class() if checkpoints in ("auto", "session") else None
     if checkpoints == "session" and session_cls is None:
-        raise ValueError("checkpoints='session' needs blue_plugin.session.EditSession, which is not importable")
-    logger.info("checkpoints: %s", "blue_plugin.session.EditSession" if session_cls else "local safetensors")
+        raise ValueError("checkpoints='session' needs blue_plugin.editing.session.EditSession, which is not importable")
+    logger.info("checkpoints: %s", "blue_plugin.editing.session.EditSession" if session_cls else "local safetensors")
 
     paths: dict[str, Any] = {}
     method_results: dict[str, dict[str, Any]] = {}
@@ -876,7 +876,7 @@ def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[s
 
     Returns ``{X: {metric: {"mean", "ci_low", "ci_high", "n"}}}`` (fractions; fluency in bits).
     """
-    from blue_plugin.metrics import bootstrap_ci
+    from blue_plugin.evaluation.metrics import bootstrap_ci
 
     methods = result["methods"]
     seed = int(result.get("config", {}).get("seed", 0))
@@ -1076,7 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint tensors of finished methods")
     p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
     p.add_argument("--checkpoints", default="auto", choices=["auto", "session", "local"],
-                   help="progress format: blue_plugin.session.EditSession, local safetensors, or auto (session if available)")
+                   help="progress format: blue_plugin.editing.session.EditSession, local safetensors, or auto (session if available)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -6,7 +6,7 @@ hyperparameter classes, on the same model weights, the same first N CounterFact 
 statistics settings:
 
 * **statistics (cold)**: C_0 for all critical layers from an empty cache. Ours: one truncated
-  pass (:func:`blue_plugin.stats.get_second_moments`); EasyEdit: its ``layer_stats`` once per
+  pass (:func:`blue_plugin.stats.moments.get_second_moments`); EasyEdit: its ``layer_stats`` once per
   layer (what ``get_cov`` runs on a cache miss). Optionally against the sample count
   (``--stats-curve``).
 * **per-batch edit time with statistics cached**: N edits in batches of B, sequentially, for
@@ -31,7 +31,7 @@ statistics settings:
 * **cost growth**: per-batch time for B in ``--scaling`` (one batch of the first B cases, from the
   unedited weights).
 * **efficacy** (and generalization, specificity) of the N edits on the final model, with
-  :func:`blue_plugin.metrics.counterfact_case_scores` for both systems.
+  :func:`blue_plugin.evaluation.metrics.counterfact_case_scores` for both systems.
 
 With ``--isolation process`` (default) each system runs in its own process (spawned; loads the
 same model files, the weights digest is checked), so the memory figures are clean; with ``none``
@@ -345,7 +345,7 @@ def _random_batch(model, b: int, t: int, seed: int) -> dict[str, torch.Tensor]:
 def plain_forward_backward(model, shape: tuple[int, int], iters: int, seed: int = 0) -> float:
     """Median seconds of one plain forward+backward at ``shape`` = (batch, length): full logits,
     a loss over all positions, the gradient w.r.t. the input embeddings (parameters frozen)."""
-    from blue_plugin.hooks import frozen
+    from blue_plugin.model.hooks import frozen
 
     batch = _random_batch(model, shape[0], shape[1], seed)
     emb_layer = model.get_input_embeddings()
@@ -364,7 +364,7 @@ def plain_forward_backward(model, shape: tuple[int, int], iters: int, seed: int 
 
 def weights_digest(model) -> str:
     """sha256 (16 hex) of a strided sample of every parameter: equal digests = same weights."""
-    from blue_plugin.state import fingerprint
+    from blue_plugin.editing.state import fingerprint
 
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
@@ -387,8 +387,8 @@ class _WorkerBase:
     system = "?"
 
     def __init__(self, cfg: SpeedConfig, model=None, tok=None):
-        from blue_plugin.data import load_cases
-        from blue_plugin.models import load_model
+        from blue_plugin.evaluation.data import load_cases
+        from blue_plugin.model.loading import load_model
 
         self.cfg = cfg
         if cfg.threads is not None:
@@ -403,7 +403,7 @@ class _WorkerBase:
         self.load = m.result
         self.model, self.tok = model, tok
         self.hp = base_hparams(cfg, str(self.cache / "stats"))
-        from blue_plugin.engine import Editor
+        from blue_plugin.editing.editor import Editor
 
         self.editor0 = Editor(model, tok, self.hp.replace(blue=False))
         self.layers = list(self.hp.layers)
@@ -432,12 +432,12 @@ class _WorkerBase:
                 self.editor0.weight(l).copy_(W)
 
     def corpus_docs(self, n: int) -> list[str]:
-        from blue_plugin.stats import read_corpus
+        from blue_plugin.stats.moments import read_corpus
 
         return read_corpus(self.hp.mom2_dataset, n)
 
     def evaluate(self, n: int) -> dict[str, Any]:
-        from blue_plugin.metrics import counterfact_case_scores
+        from blue_plugin.evaluation.metrics import counterfact_case_scores
 
         if self.fmt not in ("counterfact", "counterfact_rome", "counterfact_templates"):
             return {"note": f"no efficacy for dataset format {self.fmt}"}
@@ -524,14 +524,14 @@ class _WorkerBase:
 
 
 class OursWorker(_WorkerBase):
-    """blue_plugin's engine (:func:`blue_plugin.engine.apply_blue_to_model`)."""
+    """blue_plugin's engine (:func:`blue_plugin.editing.editor.apply_blue_to_model`)."""
 
     system = "ours"
 
     def stats_cold(self, n_samples: int, into_cache: bool) -> dict[str, Any]:
         """C_0 of all critical layers from an empty cache, one truncated pass. ``into_cache``:
         write into the cache the edits use (else a temporary folder, deleted)."""
-        from blue_plugin.stats import get_second_moments
+        from blue_plugin.stats.moments import get_second_moments
 
         names = [self.editor0.layout.rewrite(l) for l in self.layers]
         cache = Path(self.hp.stats_dir) if into_cache else Path(tempfile.mkdtemp(dir=self.work))
@@ -551,7 +551,7 @@ class OursWorker(_WorkerBase):
     def prepare(self) -> dict[str, Any]:
         """Load the statistics (from the disk cache), generate the context prefixes and compute
         AlphaEdit's projectors, as the first batch of a session would. Returns the prefixes."""
-        from blue_plugin.engine import Editor
+        from blue_plugin.editing.editor import Editor
 
         with Meter() as m:
             ed = Editor(self.model, self.tok, self.hp.replace(base_method="AlphaEdit", blue=False))
@@ -563,13 +563,13 @@ class OursWorker(_WorkerBase):
         return {"system": self.system, "prefixes": list(prefixes), **m.result}
 
     def _start_sequence(self, method: str) -> None:
-        from blue_plugin.state import reset_state
+        from blue_plugin.editing.state import reset_state
 
         reset_state(self.model)  # forgets the edits; keeps C0, projectors and prefixes
 
     def _apply(self, method: str, batch: list[dict]) -> dict[str, Any]:
-        from blue_plugin import engine
-        from blue_plugin.state import get_state
+        from blue_plugin.editing import editor as engine
+        from blue_plugin.editing.state import get_state
 
         hp = method_hparams(self.hp, method)
         original = engine.compute_targets
@@ -600,7 +600,7 @@ class EasyEditWorker(_WorkerBase):
 
     def __init__(self, cfg: SpeedConfig, model=None, tok=None, log_dir: Optional[str] = None):
         super().__init__(cfg, model, tok)
-        from blue_plugin.easyedit import import_easyeditor
+        from blue_plugin.integrations.easyedit import import_easyeditor
 
         with contextlib.redirect_stdout(io.StringIO()):
             import_easyeditor(cfg.easyedit_root)
@@ -652,7 +652,7 @@ class EasyEditWorker(_WorkerBase):
         return wrapper
 
     def _ee_hparams(self, method: str):
-        from blue_plugin.arch import resolve_layout
+        from blue_plugin.model.layout import resolve_layout
 
         hp = self.hp
         layout = resolve_layout(self.model, hp.replace(blue=False))
@@ -885,7 +885,7 @@ def start_workers(cfg: SpeedConfig, log_dir: Path) -> dict[str, Any]:
                 py = cfg.ee_python if s == "easyedit" else None
                 workers[s] = ProcessWorker(s, cfg, log_dir / f"worker-{s}.log", py)
         else:
-            from blue_plugin.models import load_model
+            from blue_plugin.model.loading import load_model
 
             if cfg.threads is not None:
                 torch.set_num_threads(cfg.threads)

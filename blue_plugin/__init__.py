@@ -8,13 +8,13 @@ does nothing otherwise.
 """
 import logging
 
-from .engine import Editor, apply_blue_to_model
+from .editing.editor import Editor, apply_blue_to_model
 from .errors import BLUEConfigError, BLUEEditError, BLUERequestError
 from .hparams import BLUEHyperParams
-from .models import default_cache_dir, load_model
-from .state import EditState, get_state, reset_state
-from .session import BLUESessionError, EditSession
-from .easyedit import EasyEditModel, register_with_easyedit, try_register, with_model
+from .model.loading import default_cache_dir, load_model
+from .editing.state import EditState, get_state, reset_state
+from .editing.session import BLUESessionError, EditSession
+from .integrations.easyedit import EasyEditModel, register_with_easyedit, try_register, with_model
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -8,7 +8,7 @@ A dataset is asked for by registry name (:data:`DATASETS`: ``counterfact``, ``zs
 2. ``$BLUE_PLUGIN_DATA/<relative path>`` (several folders may be joined with ``os.pathsep``);
 3. the cache ``<cache>/data/<relative path>``; ``<cache>`` is ``$BLUE_PLUGIN_CACHE``, else
    ``$XDG_CACHE_HOME/blue_plugin``, else ``~/.cache/blue_plugin`` (as
-   :func:`blue_plugin.models.default_cache_dir`);
+   :func:`blue_plugin.model.loading.default_cache_dir`);
 4. a download from the dataset's public address into the cache (registry names only);
 5. :class:`DataFileNotFound`, naming every place tried and the command that fetches the file.
 

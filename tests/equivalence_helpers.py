@@ -7,7 +7,7 @@ context prefixes with their groups, C0):
   forward per row, averaged within each context-template group and then across the groups; the
   closed-form MEMIT / AlphaEdit updates; AlphaEdit's null-space projector; and the reference layer
   walk (original method and BLUE) driven only by the engine's public probes
-  :func:`blue_plugin.analysis.targets_at` / :func:`~blue_plugin.analysis.keys_at`.
+  :func:`blue_plugin.research.analysis.targets_at` / :func:`~blue_plugin.research.analysis.keys_at`.
 * **EasyEdit's own functions** (``EASYEDIT_ROOT``): ``compute_ks``, ``compute_z``,
   ``apply_memit_to_model`` and ``apply_AlphaEdit_to_model``, with EasyEdit's module-level caches
   (context templates, covariances, AlphaEdit's projector and accumulated keys) set or reset on the
@@ -26,12 +26,12 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from blue_plugin import analysis as A
-from blue_plugin.arch import find_module, num_layers, resolve_layout
-from blue_plugin.contexts import ContextPrefixes
-from blue_plugin.hooks import frozen
+from blue_plugin.research import analysis as A
+from blue_plugin.model.layout import find_module, num_layers, resolve_layout
+from blue_plugin.editing.contexts import ContextPrefixes
+from blue_plugin.model.hooks import frozen
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.state import EditState
+from blue_plugin.editing.state import EditState
 
 from tests.tiny import full_prompt, prefix_key
 
@@ -63,7 +63,7 @@ def easyedit_templates(prefixes: ContextPrefixes) -> list[list[str]]:
 
 
 def probe_editor(model, tok, hp: BLUEHyperParams, requests: Sequence[dict], prefixes: ContextPrefixes):
-    """``(editor, reqs, prefixes)`` from :func:`blue_plugin.analysis.setup` on a fresh state that
+    """``(editor, reqs, prefixes)`` from :func:`blue_plugin.research.analysis.setup` on a fresh state that
     holds only ``prefixes`` (the engine's public probes need nothing else)."""
     state = EditState()
     state.prefixes[prefix_key(hp)] = prefixes
@@ -194,7 +194,7 @@ def reference_walk(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Edit ``model`` in place with one batch, the reference way: the layers, residuals and updates
     of DESIGN.md section 1 computed here, from the engine's public probes only
-    (:func:`~blue_plugin.analysis.targets_at`, :func:`~blue_plugin.analysis.keys_at`).
+    (:func:`~blue_plugin.research.analysis.targets_at`, :func:`~blue_plugin.research.analysis.keys_at`).
 
     Original method (``hp.blue`` false): z at the last critical layer L; for the i-th layer (of m)
     R = (z - h_L(current)) / (m - i + 1). BLUE: for l in (l_1, l_m), z_l at l on the current model,
@@ -239,7 +239,7 @@ def easyedit_or_skip() -> types.SimpleNamespace:
     root = os.environ.get(EASYEDIT_ENV, "").strip()
     if not root:
         pytest.skip(SKIP_REASON)
-    from blue_plugin.easyedit import import_easyeditor
+    from blue_plugin.integrations.easyedit import import_easyeditor
 
     import_easyeditor(root)
     mod = importlib.import_module

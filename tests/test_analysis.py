@@ -1,4 +1,4 @@
-"""blue_plugin.analysis and blue_plugin.tracing on tiny random models, against hand computations.
+"""blue_plugin.research.analysis and blue_plugin.research.tracing on tiny random models, against hand computations.
 
 The hand computations run the model on one unpadded sequence at a time with plain forward hooks
 (block outputs, keys, added residuals, restored MLP outputs), and the closed-form MEMIT update
@@ -13,12 +13,12 @@ import math
 import pytest
 import torch
 
-from blue_plugin import analysis as A
+from blue_plugin.research import analysis as A
 from blue_plugin import apply_blue_to_model, get_state
-from blue_plugin import tracing as T
-from blue_plugin.arch import as_out_in, find_module, resolve_layout
-from blue_plugin.metrics import answer_nll
-from blue_plugin.requests import prepare_requests
+from blue_plugin.research import tracing as T
+from blue_plugin.model.layout import as_out_in, find_module, resolve_layout
+from blue_plugin.evaluation.metrics import answer_nll
+from blue_plugin.editing.requests import prepare_requests
 from tests.tiny import ARCHS, PREFIXES, all_requests, full_prompt, inject_prefixes, make_hparams, make_model, weights
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]

@@ -23,12 +23,12 @@ import torch
 import yaml
 
 from blue_plugin import apply_blue_to_model
-from blue_plugin.engine import Editor
+from blue_plugin.editing.editor import Editor
 from blue_plugin.errors import BLUEConfigError, BLUEEditError, BLUERequestError
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.requests import check_rows_fit, position_limit, prepare_requests
-from blue_plugin.session import EditSession
-from blue_plugin.state import get_state
+from blue_plugin.editing.requests import check_rows_fit, position_limit, prepare_requests
+from blue_plugin.editing.session import EditSession
+from blue_plugin.editing.state import get_state
 from tests.tiny import (
     REQUESTS,
     changed_params,
@@ -349,7 +349,7 @@ def _corrupt_nan_with_valid_checksum(p: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from blue_plugin.stats import _sha256_tensor
+    from blue_plugin.stats.moments import _sha256_tensor
 
     with safe_open(str(p), "pt") as f:
         meta, t = f.metadata(), f.get_tensor("mom2")
@@ -371,7 +371,7 @@ def test_corrupted_statistics_are_recomputed_not_used(env, tmp_path, caplog, cor
         corrupt(p)
     model = make_llama(seed=0)
     inject_prefixes(model, hp)
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
         apply_blue_to_model(model, env.tok, [dict(GOOD)], hp)
     assert any(message in r.getMessage() for r in caplog.records)
     ref = _reference_edit(env, tmp_path)
@@ -385,7 +385,7 @@ def test_statistics_of_another_model_are_recomputed_not_used(env, tmp_path, capl
     Editor(other, env.tok, hp).ensure_second_moments(hp.edit_layers)
     model = make_llama(seed=0)
     inject_prefixes(model, hp)
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
         apply_blue_to_model(model, env.tok, [dict(GOOD)], hp)
     assert any("weights_fingerprint" in r.getMessage() for r in caplog.records)
     assert changed_params(_reference_edit(env, tmp_path), model) == set()
@@ -410,7 +410,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-from blue_plugin.stats import get_second_moments
+from blue_plugin.stats.moments import get_second_moments
 cfg = json.loads(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"]).eval()
 tok = PreTrainedTokenizerFast.from_pretrained(cfg["model_dir"])
@@ -467,7 +467,7 @@ def test_interrupted_statistics_write_keeps_the_old_file(env, tmp_path, monkeypa
     byte-identical and no temp file behind."""
     import safetensors.torch
 
-    from blue_plugin import stats
+    from blue_plugin.stats import moments as stats
 
     src = next(env.stats.glob("*.safetensors"))
     path = tmp_path / src.name
@@ -495,14 +495,14 @@ def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from blue_plugin.stats import get_second_moments
+    from blue_plugin.stats.moments import get_second_moments
 
     names = ["model.layers.0.mlp.down_proj"]
     model = make_llama(seed=0)
     kw = dict(corpus=str(env.corpus), n_samples=30, max_length=16, cache_dir=tmp_path, model_id="tiny", progress=False)
     first = get_second_moments(model, env.tok, names, **kw)[names[0]]
     other_tok = make_tokenizer(add_bos=False)  # same vocabulary, no BOS: other token streams
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
         second = get_second_moments(model, other_tok, names, **kw)[names[0]]
     assert any("tokenizer_fingerprint" in r.getMessage() for r in caplog.records)
     assert not torch.equal(first, second)
@@ -511,13 +511,13 @@ def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path
         meta, t = f.metadata(), f.get_tensor("mom2")
     save_file({"mom2": t}, str(path), metadata={**meta, "format_version": "0"})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
         get_second_moments(model, other_tok, names, **kw)
     assert any("format_version" in r.getMessage() for r in caplog.records)
 
 
 def test_statistics_of_a_nan_model_are_refused_not_cached(env, tmp_path):
-    from blue_plugin.stats import get_second_moments
+    from blue_plugin.stats.moments import get_second_moments
 
     model = make_llama(seed=0)
     with torch.no_grad():

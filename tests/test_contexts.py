@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from blue_plugin.contexts import ContextPrefixes, generate_prefixes, looks_like_text
+from blue_plugin.editing.contexts import ContextPrefixes, generate_prefixes, looks_like_text
 from tests.tiny import make_model
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin import corpus as C
-from blue_plugin import stats
-from blue_plugin.stats import get_second_moments, read_corpus
+from blue_plugin.stats import corpus as C
+from blue_plugin.stats import moments as stats
+from blue_plugin.stats.moments import get_second_moments, read_corpus
 
 pytest.importorskip("transformers")
 from tests.tiny import make_model  # noqa: E402
@@ -109,7 +109,7 @@ def test_wordnet_search_order_and_fallback_file(wordnet_dir, tmp_path, monkeypat
     monkeypatch.setenv("WNHOME", str(home))
     assert C.find_wordnet() == folder  # WNSEARCHDIR first
     monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "empty"))
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.corpus"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.corpus"):
         assert C.find_wordnet() == home / "dict"
     assert any("WNSEARCHDIR" in r.getMessage() for r in caplog.records)  # a bad setting is not ignored silently
     assert read_corpus("wordnet", 9) == [f"home {p}" for p in C.WORDNET_PARTS]
@@ -303,7 +303,7 @@ def test_sampled_statistics_cache_carries_the_corpus_sha256(llama, tmp_path):
         handle.remove()
     assert calls == [] and torch.equal(first[NAMES[0]], again[NAMES[0]])
     # the distributed entry point (one process) reads the same corpus and finds the same file
-    from blue_plugin.distributed import distributed_second_moments
+    from blue_plugin.stats.distributed import distributed_second_moments
 
     run = distributed_second_moments(model, tok, NAMES, "sampled", 12, 16, cache, **kw)
     assert run.cached == NAMES and torch.equal(run.moments[NAMES[0]], first[NAMES[0]])

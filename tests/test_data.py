@@ -1,4 +1,4 @@
-"""Tests for blue_plugin.data: format detection, loading and validation."""
+"""Tests for blue_plugin.evaluation.data: format detection, loading and validation."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blue_plugin.data import EditCase, detect_format, load_cases, records_to_cases
+from blue_plugin.evaluation.data import EditCase, detect_format, load_cases, records_to_cases
 from blue_plugin.datafiles import fetch_command, get_spec, locate
 
 

@@ -314,7 +314,7 @@ def test_the_corpus_resolves_but_has_no_download(env, monkeypatch):
 
 
 def test_cache_dir_follows_the_models_cache_convention(env, monkeypatch):
-    from blue_plugin.models import default_cache_dir
+    from blue_plugin.model.loading import default_cache_dir
 
     assert D.cache_dir() == env.cache / "data" == default_cache_dir() / "data"
     monkeypatch.delenv("BLUE_PLUGIN_CACHE")

@@ -1,4 +1,4 @@
-"""Distributed statistics (blue_plugin.distributed, ``python -m blue_plugin.stats``).
+"""Distributed statistics (blue_plugin.stats.distributed, ``python -m blue_plugin.stats``).
 
 The main test launches ``torchrun --nproc_per_node 2`` (gloo, CPU) on a tiny random Llama saved
 with ``save_pretrained`` and a 7-document corpus (uneven split: 4 + 3 documents), and checks the
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin import stats
-from blue_plugin.distributed import distributed_second_moments, shard_indices
+from blue_plugin.stats import moments as stats
+from blue_plugin.stats.distributed import distributed_second_moments, shard_indices
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -99,7 +99,7 @@ def _read(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 
 def _single_process(setup, batch_size: int, cache_dir: Path | None):
-    from blue_plugin.models import load_model
+    from blue_plugin.model.loading import load_model
 
     torch.set_num_threads(1)
     model, tok = load_model(str(setup["model_dir"]))
@@ -112,8 +112,8 @@ def _cached_worker(rank: int, world: int, port: int, model_dir: str, corpus: str
     """One gloo rank calling distributed_second_moments directly; saves what it got."""
     import torch.distributed as dist
 
-    from blue_plugin.distributed import init_distributed
-    from blue_plugin.models import load_model
+    from blue_plugin.stats.distributed import init_distributed
+    from blue_plugin.model.loading import load_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -218,7 +218,7 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
 
 def test_single_process_matches_get_second_moments(setup, tmp_path):
     """Without a process group the distributed function equals get_second_moments and caches."""
-    from blue_plugin.models import load_model
+    from blue_plugin.model.loading import load_model
 
     torch.set_num_threads(1)
     model, tok = load_model(str(setup["model_dir"]))
@@ -238,7 +238,7 @@ def test_single_process_matches_get_second_moments(setup, tmp_path):
 
 
 def test_cli_rejects_bad_layers(setup, tmp_path, caplog):
-    from blue_plugin.stats import main
+    from blue_plugin.stats.moments import main
 
     assert main(["--hparams", str(setup["hparams"]), "--layers", "1,x", "--stats-dir", str(tmp_path)]) == 2
     assert main(["--hparams", str(setup["hparams"]), "--layers", "9", "--stats-dir", str(tmp_path),

@@ -1,9 +1,9 @@
 """layer_selection: dynamic, wired into the engine: each batch edits the two boundary layers that
-blue_plugin.selection chooses, and nothing else."""
+blue_plugin.editing.selection chooses, and nothing else."""
 import torch
 
 from blue_plugin import apply_blue_to_model, get_state
-from blue_plugin.selection import window_layers
+from blue_plugin.editing.selection import window_layers
 from tests.tiny import REQUESTS, inject_c0, inject_prefixes, make_hparams, make_llama, make_tokenizer, weights
 
 

@@ -1,4 +1,4 @@
-"""EasyEdit integration (blue_plugin.easyedit, benchmarks/run_blue_editing.py).
+"""EasyEdit integration (blue_plugin.integrations.easyedit, benchmarks/run_blue_editing.py).
 
 Two groups:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin import easyedit as E
+from blue_plugin.integrations import easyedit as E
 from blue_plugin.datafiles import fetch_command, locate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ def _cf_cases(n: int) -> list[dict]:
 @pytest.fixture
 def editor_factory(easyedit, smollm2, tmp_path, monkeypatch):
     """Builds BaseEditors on the shared SmolLM2; restores its weights and state afterwards."""
-    from blue_plugin.state import reset_state
+    from blue_plugin.editing.state import reset_state
 
     monkeypatch.chdir(tmp_path)  # EasyEdit writes ./logs
     model, tok = smollm2
@@ -387,7 +387,7 @@ class TestRealEasyEdit:
         )
 
     def test_single_edit_non_sequential_restores_weights_exactly(self, editor_factory, smollm2):
-        from blue_plugin.state import get_state
+        from blue_plugin.editing.state import get_state
 
         model = smollm2[0]
         before = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp.down_proj" in n}
@@ -415,7 +415,7 @@ class TestRealEasyEdit:
         assert _changed(model, before) == []
 
     def test_batch_edit_sequential_two_batches(self, easyedit, editor_factory, smollm2):
-        from blue_plugin.state import get_state
+        from blue_plugin.editing.state import get_state
 
         model = smollm2[0]
         before = {n: p.detach().clone() for n, p in model.named_parameters() if "mlp.down_proj" in n}

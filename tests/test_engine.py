@@ -1,4 +1,4 @@
-"""The editing engine (blue_plugin.engine) on tiny random GPT-2 (Conv1D) and Llama models.
+"""The editing engine (blue_plugin.editing.editor) on tiny random GPT-2 (Conv1D) and Llama models.
 
 The rule's inputs and the target results are recorded by wrapping ``rule.delta`` and
 ``engine.compute_targets`` (see tests/tiny.py); every expected value is recomputed here from
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from blue_plugin import apply_blue_to_model, get_state
-from blue_plugin.arch import resolve_layout
-from blue_plugin.state import EditState
-from blue_plugin.stats import get_second_moments
+from blue_plugin.model.layout import resolve_layout
+from blue_plugin.editing.state import EditState
+from blue_plugin.stats.moments import get_second_moments
 from tests.tiny import (
     ARCHS,
     all_requests,

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from blue_plugin.session import EditSession
-from blue_plugin.state import get_state
+from blue_plugin.editing.session import EditSession
+from blue_plugin.editing.state import get_state
 from tests.tiny import inject_prefixes, make_hparams, make_llama, make_tokenizer
 
 psutil = pytest.importorskip("psutil")

@@ -1,4 +1,4 @@
-"""Numerical tests for blue_plugin.metrics on tiny random GPT-2 / Llama models with a self-made tokenizer."""
+"""Numerical tests for blue_plugin.evaluation.metrics on tiny random GPT-2 / Llama models with a self-made tokenizer."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from blue_plugin import metrics
-from blue_plugin.data import EditCase
-from blue_plugin.metrics import (
+from blue_plugin.evaluation import metrics
+from blue_plugin.evaluation.data import EditCase
+from blue_plugin.evaluation.metrics import (
     answer_argmax_tokens,
     answer_nll,
     answer_token_accuracy,

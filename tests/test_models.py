@@ -1,4 +1,4 @@
-"""Tests for blue_plugin.models: embedded SmolLM2 loading, local folders, atomic caching."""
+"""Tests for blue_plugin.model.loading: embedded SmolLM2 loading, local folders, atomic caching."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin import models
-from blue_plugin.models import default_cache_dir, embedded_model_dir, load_model
+from blue_plugin.model import loading as models
+from blue_plugin.model.loading import default_cache_dir, embedded_model_dir, load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from blue_plugin import apply_blue_to_model, get_state
-from blue_plugin.arch import as_out_in, find_module, resolve_layout
-from blue_plugin.contexts import ContextPrefixes, with_groups
-from blue_plugin.engine import Editor
-from blue_plugin.keys import group_mean
-from blue_plugin.rules import rect_sparsify
-from blue_plugin.session import EditSession
-from blue_plugin.state import EditState
+from blue_plugin.model.layout import as_out_in, find_module, resolve_layout
+from blue_plugin.editing.contexts import ContextPrefixes, with_groups
+from blue_plugin.editing.editor import Editor
+from blue_plugin.editing.keys import group_mean
+from blue_plugin.editing.rules import rect_sparsify
+from blue_plugin.editing.session import EditSession
+from blue_plugin.editing.state import EditState
 from tests.tiny import (
     ARCHS,
     all_requests,

@@ -1,4 +1,4 @@
-"""The four update rules (blue_plugin.rules) against independently computed closed forms.
+"""The four update rules (blue_plugin.editing.rules) against independently computed closed forms.
 
 Pure linear algebra in float64 on random matrices; no model involved. Shapes follow rules.py:
 K (d_in, n), R (d_out, n), C0 / KpKp / P (d_in, d_in), W and Delta (d_out, d_in).
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.rules import (
+from blue_plugin.editing.rules import (
     RULES,
     LayerInputs,
     alphaedit_delta,

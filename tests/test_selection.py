@@ -1,4 +1,4 @@
-"""blue_plugin.selection (dynamic boundary layers) on a tiny random Llama, against hand computations:
+"""blue_plugin.editing.selection (dynamic boundary layers) on a tiny random Llama, against hand computations:
 relative residuals from plain unpadded forward passes, the first layer's MEMIT update (C0 = I)
 with an explicit inverse; the targets are read through a spy on compute_targets."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from blue_plugin import selection as S
-from blue_plugin.engine import Editor
-from blue_plugin.arch import resolve_layout
-from blue_plugin.requests import prepare_requests
+from blue_plugin.editing import selection as S
+from blue_plugin.editing.editor import Editor
+from blue_plugin.model.layout import resolve_layout
+from blue_plugin.editing.requests import prepare_requests
 from tests.test_analysis import hand_add, hand_h, hand_keys, hand_memit, spy_targets
 from tests.tiny import all_requests, changed_params, inject_prefixes, make_hparams, make_model, weights
 

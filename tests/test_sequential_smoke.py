@@ -110,8 +110,8 @@ def test_blue_vs_base_pairs_cases_and_skips_unpaired_methods():
 @pytest.mark.parametrize("checkpoints", ["local", "session"])
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_setup, tmp_path, checkpoints):
     if checkpoints == "session" and seq._session_class() is None:
-        pytest.skip("blue_plugin.session is not available")
-    from blue_plugin.state import get_state
+        pytest.skip("blue_plugin.editing.session is not available")
+    from blue_plugin.editing.state import get_state
 
     model, tok, hp_path = tiny_setup
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}

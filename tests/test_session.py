@@ -18,11 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin import apply_blue_to_model, engine, rules
+from blue_plugin import apply_blue_to_model
+
+from blue_plugin.editing import editor as engine
+
+from blue_plugin.editing import rules
 from blue_plugin.errors import BLUEEditError
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.session import MANIFEST_NAME, BLUESessionError, EditSession
-from blue_plugin.state import EditState, get_state
+from blue_plugin.editing.session import MANIFEST_NAME, BLUESessionError, EditSession
+from blue_plugin.editing.state import EditState, get_state
 from tests.tiny import (
     REQUESTS,
     changed_params,
@@ -499,7 +503,7 @@ def test_load_refuses_other_or_edited_model(tok, tmp_path):
 def test_load_with_other_hparams_warns(tok, tmp_path, caplog):
     _, hp, d = _saved_session(tok, tmp_path)
     fresh = _fresh(tok, hp)
-    with caplog.at_level("WARNING", logger="blue_plugin.session"):
+    with caplog.at_level("WARNING", logger="blue_plugin.editing.session"):
         s = EditSession.load(d, fresh, tok, hparams=hp.replace(v_lr=0.25))
     assert s.hparams.v_lr == 0.25
     assert any("v_lr" in r.getMessage() for r in caplog.records)
@@ -510,7 +514,7 @@ def test_save_crash_keeps_previous_session(tok, tmp_path, monkeypatch):
     session intact and loadable, and no stray files."""
     import safetensors.torch
 
-    from blue_plugin import session as session_mod
+    from blue_plugin.editing import session as session_mod
 
     model, hp = _setup(tok)
     session = EditSession(model, tok, hp)

@@ -26,8 +26,8 @@ import torch
 
 from blue_plugin import BLUEHyperParams, apply_blue_to_model
 from blue_plugin.datafiles import locate
-from blue_plugin.metrics import answer_nll
-from blue_plugin.state import EditState
+from blue_plugin.evaluation.metrics import answer_nll
+from blue_plugin.editing.state import EditState
 from tests.tiny import restore
 
 ROOT = Path(__file__).resolve().parents[1]

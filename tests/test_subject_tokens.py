@@ -5,7 +5,7 @@ import pytest
 
 from blue_plugin.errors import BLUERequestError
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.requests import encode_prompt, prepare_requests
+from blue_plugin.editing.requests import encode_prompt, prepare_requests
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
-"""Target-value optimisation (blue_plugin.targets): RowAdam against torch.optim.Adam, and the
+"""Target-value optimisation (blue_plugin.editing.targets): RowAdam against torch.optim.Adam, and the
 batched optimisation of several requests against optimising each request alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from blue_plugin.hooks import frozen
-from blue_plugin.requests import prepare_requests, target_rows
-from blue_plugin.targets import RowAdam, compute_targets
+from blue_plugin.model.hooks import frozen
+from blue_plugin.editing.requests import prepare_requests, target_rows
+from blue_plugin.editing.targets import RowAdam, compute_targets
 from tests.tiny import PREFIXES, all_requests, make_hparams, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,7 +191,7 @@ def test_prefix_cache_falls_back_to_whole_rows_when_the_model_has_no_cache(monke
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.base_model, "forward", no_cache)
-    with caplog.at_level("WARNING", logger="blue_plugin.targets"):
+    with caplog.at_level("WARNING", logger="blue_plugin.editing.targets"):
         res, _ = _run_counting(model, tok, hp, all_requests())
     assert "optimising over whole rows instead" in caplog.text
     assert res.steps == full.steps

@@ -14,10 +14,10 @@ from typing import Sequence
 
 import torch
 
-from blue_plugin.arch import as_out_in, find_module, resolve_layout
-from blue_plugin.engine import Editor
+from blue_plugin.model.layout import as_out_in, find_module, resolve_layout
+from blue_plugin.editing.editor import Editor
 from blue_plugin.hparams import BLUEHyperParams
-from blue_plugin.state import get_state
+from blue_plugin.editing.state import get_state
 
 #: Text the tokenizer is trained on (so that the words of :data:`REQUESTS` get merged tokens).
 TEXTS = [
@@ -124,7 +124,7 @@ def make_hparams(**overrides) -> BLUEHyperParams:
 
 
 def prefix_key(hp: BLUEHyperParams) -> tuple:
-    """Key of the context prefixes in :class:`~blue_plugin.state.EditState.prefixes`."""
+    """Key of the context prefixes in :class:`~blue_plugin.editing.state.EditState.prefixes`."""
     return (tuple(map(tuple, hp.context_template_length_params)), hp.seed)
 
 
@@ -249,7 +249,7 @@ def rule_spy(monkeypatch, rule_name: str, callback=None, events: list | None = N
     given) sees the model as it is when the update is computed; its result is stored under
     ``"extra"``. ``events`` (if given) gets ``("update", call index)`` appended.
     """
-    from blue_plugin import rules
+    from blue_plugin.editing import rules
 
     rule = rules.RULES[rule_name]
     original = type(rule).delta
@@ -274,7 +274,7 @@ def rule_spy(monkeypatch, rule_name: str, callback=None, events: list | None = N
 def targets_spy(monkeypatch, events: list | None = None) -> list[tuple[str, object]]:
     """Record ``(block_name, TargetResult)`` of every target optimisation the engine runs
     (``events`` gets ``("targets", block_name)`` appended)."""
-    from blue_plugin import engine
+    from blue_plugin.editing import editor as engine
 
     original = engine.compute_targets
     calls: list[tuple[str, object]] = []

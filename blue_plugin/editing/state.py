@@ -28,9 +28,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .arch import as_out_in, from_out_in
+from ..model.layout import as_out_in, from_out_in
 from .contexts import ContextPrefixes
-from .errors import BLUEEditError
+from ..errors import BLUEEditError
 from .rules import prune_restrain_with_info
 
 logger = logging.getLogger(__name__)
@@ -273,8 +273,8 @@ class EditState:
         restrain(W - W_orig)``, W being ``W_unrestrained`` or, when there is none, the weight as it
         is (which then becomes ``W_unrestrained`` if the restraint changes it). Idempotent. Only
         for a sequence edited with ``prune_timing: sequence`` (use
-        :meth:`blue_plugin.engine.Editor.finalize`, which checks that). Returns the restraint
-        info per layer (:func:`~blue_plugin.rules.prune_restrain_with_info`)."""
+        :meth:`blue_plugin.editing.editor.Editor.finalize`, which checks that). Returns the restraint
+        info per layer (:func:`~blue_plugin.editing.rules.prune_restrain_with_info`)."""
         self.sync_with_weights(lambda l: module_of(l).weight)
         out = {}
         for l, ls in sorted(self.layers.items()):
@@ -296,7 +296,7 @@ class EditState:
 
 def serve_restrained(module: torch.nn.Module, unrestrained: torch.Tensor, W_orig: torch.Tensor, sigma_max: float,
                      solve_dtype: torch.dtype = torch.float64) -> dict:
-    """Write ``W_orig + restrain(unrestrained - W_orig)`` (PRUNE, :func:`~blue_plugin.rules.prune_restrain`)
+    """Write ``W_orig + restrain(unrestrained - W_orig)`` (PRUNE, :func:`~blue_plugin.editing.rules.prune_restrain`)
     into ``module.weight``; ``unrestrained`` is in the stored form (orientation, dtype) and
     ``W_orig`` (d_out, d_in). When nothing is restrained the weight becomes ``unrestrained``
     bit-for-bit. Returns the restraint info (``max_over_sigma_max``, ``above``); raises

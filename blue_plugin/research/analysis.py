@@ -2,7 +2,7 @@
 
 Notation: ``n`` requests, critical layers ``l_1 < ... < l_m = L`` (``hparams.layers`` unless a
 function is given ``layers``), ``h_l`` the output of block ``l`` at the edited token (bare prompt),
-``z_l`` the target optimised at block ``l`` by :func:`blue_plugin.targets.compute_targets`.
+``z_l`` the target optimised at block ``l`` by :func:`blue_plugin.editing.targets.compute_targets`.
 
 - **direct residual** at layer ``l``: ``R^l = z_l - h_l`` (what BLUE uses, and what the target
   optimisation adds to the output of block ``l``);
@@ -25,7 +25,7 @@ Two contexts for the residuals (:func:`residual_analysis`):
 Probabilities: ``P(o|p)`` is the per-token geometric mean probability of the answer's tokens,
 ``exp(-mean token NLL)``, averaged over the context prefixes (the first prefix is the bare
 prompt), as in the official analysis' "average probability". Efficacy of a request is
-``NLL(o*|p) < NLL(o_true|p)`` on the bare prompt, as in :mod:`blue_plugin.metrics`.
+``NLL(o*|p) < NLL(o_true|p)`` on the bare prompt, as in :mod:`blue_plugin.evaluation.metrics`.
 
 Every function leaves the model's weights bit-identical and its edit state untouched (the caches
 of ``C0``, projectors and context prefixes in :func:`blue_plugin.get_state` are used and filled).
@@ -42,15 +42,15 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .arch import as_out_in, from_out_in
-from .engine import Editor
-from .hooks import add_delta, frozen
-from .hparams import BLUEHyperParams
-from .keys import keys_and_outputs
-from .requests import EditRequest, Row, encode_target, key_rows, pad_rows, pad_token_id, prepare_requests, target_rows
-from .rules import LayerInputs
-from .state import EditState
-from .targets import TargetResult, compute_targets, head_logits, input_device, last_hidden
+from ..model.layout import as_out_in, from_out_in
+from ..editing.editor import Editor
+from ..model.hooks import add_delta, frozen
+from ..hparams import BLUEHyperParams
+from ..editing.keys import keys_and_outputs
+from ..editing.requests import EditRequest, Row, encode_target, key_rows, pad_rows, pad_token_id, prepare_requests, target_rows
+from ..editing.rules import LayerInputs
+from ..editing.state import EditState
+from ..editing.targets import TargetResult, compute_targets, head_logits, input_device, last_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ VIA = ("hidden", "weight")
 
 
 # ------------------------------------------------------------------------------------------------
-# engine pieces shared by the analyses (and by blue_plugin.selection)
+# engine pieces shared by the analyses (and by blue_plugin.editing.selection)
 # ------------------------------------------------------------------------------------------------
 def coerce_hparams(hparams: Any) -> BLUEHyperParams:
     """``hparams`` as a :class:`BLUEHyperParams` (a dict of its keys is accepted)."""
@@ -85,7 +85,7 @@ def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
 
 
 def setup(model, tok, hparams: Any, requests: Sequence[dict], state: Optional[EditState] = None) -> tuple[Editor, list[EditRequest], list[str]]:
-    """An :class:`~blue_plugin.engine.Editor` on ``model`` (its own state unless ``state``), the
+    """An :class:`~blue_plugin.editing.editor.Editor` on ``model`` (its own state unless ``state``), the
     validated requests and the context prefixes (the first is ``""``)."""
     editor = Editor(model, tok, coerce_hparams(hparams), state)
     reqs = prepare_requests(tok, requests, editor.hp)
@@ -94,7 +94,7 @@ def setup(model, tok, hparams: Any, requests: Sequence[dict], state: Optional[Ed
 
 def targets_at(editor: Editor, reqs: Sequence[EditRequest], prefixes: Sequence[str], layer: int) -> TargetResult:
     """Targets ``z`` (n, d_model) at block ``layer`` on the current model, exactly as the engine
-    computes them. Call inside :func:`blue_plugin.hooks.frozen`."""
+    computes them. Call inside :func:`blue_plugin.model.hooks.frozen`."""
     hp = editor.hp
     rows = target_rows(editor.tok, reqs, prefixes, hp.fact_token)
     lower = [editor.layout.block(i) for i in range(layer)] if hp.v_replay_lower_layers else ()

@@ -7,16 +7,16 @@ from typing import Sequence
 
 import torch
 
-from .arch import ModelLayout
+from ..model.layout import ModelLayout
 from .contexts import ContextPrefixes
-from .hooks import capture, run_until
+from ..model.hooks import capture, run_until
 from .requests import Row, pad_rows, pad_token_id
 from .targets import input_device
 
 
 def group_mean(k: torch.Tensor, prefixes: Sequence[str]) -> torch.Tensor:
     """(n_requests, n_prefixes, d) -> (n_requests, d): the mean within each context-template group
-    of ``prefixes`` (:class:`~blue_plugin.contexts.ContextPrefixes`; a plain list counts as the
+    of ``prefixes`` (:class:`~blue_plugin.editing.contexts.ContextPrefixes`; a plain list counts as the
     bare prompt and one group of the rest), then the mean across the groups."""
     if isinstance(prefixes, int):
         raise TypeError("keys need the context prefixes (with their groups), not their number")
@@ -39,7 +39,7 @@ def keys_and_outputs(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Return ``keys[l]`` of shape (n_requests, d_in) and ``outs[l]`` of shape (n_requests, d_model).
 
-    ``rows`` come from :func:`blue_plugin.requests.key_rows` with ``prefixes`` (request-major, first
+    ``rows`` come from :func:`blue_plugin.editing.requests.key_rows` with ``prefixes`` (request-major, first
     prefix empty). Keys are :func:`group_mean` over the prefixed rows; outputs are read from the
     bare-prompt row. The forward pass stops after the highest block needed. Each ``keys[l]`` /
     ``outs[l]`` stays on the device of its own module (layers may sit on different devices with an

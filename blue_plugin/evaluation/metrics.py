@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .data import EditCase
-from .requests import encode_target, pad_token_id
+from ..editing.requests import encode_target, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 
 def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` (with default special tokens) and of the target as the engine encodes
-    it (:func:`blue_plugin.requests.encode_target`: ``" " + target.strip()``, no special tokens).
+    it (:func:`blue_plugin.editing.requests.encode_target`: ``" " + target.strip()``, no special tokens).
 
     The model is scored on ``prompt_ids + target_ids``; the editing engine uses the same split.
 

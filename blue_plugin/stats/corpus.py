@@ -13,7 +13,7 @@
   ``$WNHOME/dict``, ``/usr/share/wordnet`` (Debian's ``wordnet-base``) that holds the four files,
   else from ``$BLUE_PLUGIN_DATA/corpus/wordnet-glosses.txt`` (the same documents, one per line);
 * ``"sampled"``: text sampled from the model itself, cached
-  (:func:`blue_plugin.stats.sample_corpus`; needs ``model`` and ``tok``);
+  (:func:`blue_plugin.stats.moments.sample_corpus`; needs ``model`` and ``tok``);
 * a combination ``"a+b"`` of these with at least one named part, e.g. ``"wordnet+sampled"``:
   ``n`` documents split evenly over the parts (the first ``n % parts`` get one more), each part
   read as if alone (same subset rule and seed), concatenated in the order given.
@@ -126,7 +126,7 @@ def read_corpus(
         model, tok, max_length: only for ``sampled``: the model that writes the documents, its
             tokenizer, and the document length in tokens (use the statistics' ``max_length``).
         cache_dir: only for ``sampled``: root of the corpus cache (default
-            ``blue_plugin.models.default_cache_dir()``; files go to ``<root>/corpus/sampled``).
+            ``blue_plugin.model.loading.default_cache_dir()``; files go to ``<root>/corpus/sampled``).
         progress: progress bar while generating ``sampled`` text.
 
     Raises:
@@ -154,7 +154,7 @@ def _read_one(source, n, subset, seed, model, tok, max_length, cache_dir, progre
     if name in HF_CORPORA:
         docs = _read_hf_corpus(name, n, subset=subset, seed=seed)
     elif name == SAMPLED:
-        from .stats import read_sampled  # noqa: PLC0415 -- generation needs the model code of stats
+        from .moments import read_sampled  # noqa: PLC0415 -- generation needs the model code of stats
 
         docs = read_sampled(model, tok, n, max_length, seed=seed, cache_dir=cache_dir, progress=progress)
     else:

@@ -6,7 +6,7 @@ SmolLM2, 4 * n_embd for GPT-2). Locate-then-edit methods need C_0 over general t
 
 Three layers of API:
 
-* :func:`read_corpus` (from :mod:`blue_plugin.corpus`) -- ``n_samples`` documents of a local
+* :func:`read_corpus` (from :mod:`blue_plugin.stats.corpus`) -- ``n_samples`` documents of a local
   text / ``.jsonl`` file, ``wikipedia`` / ``wikitext`` through the ``datasets`` package, the
   ``wordnet`` glosses, text ``sampled`` from the model (:func:`sample_corpus`, in this module
   because it runs the model) or a combination such as ``wordnet+sampled``; a seeded random
@@ -47,7 +47,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .corpus import (  # noqa: F401 -- re-exported: callers import these from blue_plugin.stats
+from .corpus import (  # noqa: F401 -- re-exported: callers import these from blue_plugin.stats.moments
     DEFAULT_SEED,
     HF_CORPORA,
     SUBSETS,
@@ -59,7 +59,7 @@ from .corpus import (  # noqa: F401 -- re-exported: callers import these from bl
     corpus_identity,
     read_corpus,
 )
-from .requests import pad_token_id
+from ..editing.requests import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -834,7 +834,7 @@ def sampled_cache_path(model, tok, n: int, max_length: int, seed: int = DEFAULT_
     (embeddings and first block, FFN output projections excluded, so edits keep the file) and the
     tokenizer fingerprint."""
     if cache_dir is None:
-        from .models import default_cache_dir  # noqa: PLC0415
+        from ..model.loading import default_cache_dir  # noqa: PLC0415
 
         cache_dir = default_cache_dir()
     ffn = [name for name, _ in model.named_modules() if _FFN_OUT_0.search(name)]
@@ -966,7 +966,7 @@ def _sample_rows(model, prompt: list[int], u: torch.Tensor, steps: int, eos: set
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m blue_plugin.stats (single process or under torchrun)
+# Command line: python -m blue_plugin.stats.moments (single process or under torchrun)
 # ---------------------------------------------------------------------------------------------
 
 _CLI_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -983,15 +983,15 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def build_arg_parser():
-    """Arguments of ``python -m blue_plugin.stats``."""
+    """Arguments of ``python -m blue_plugin.stats.moments``."""
     import argparse  # noqa: PLC0415
 
     p = argparse.ArgumentParser(
-        prog="python -m blue_plugin.stats",
+        prog="python -m blue_plugin.stats.moments",
         description=(
             "Precompute the key second moments C_0 that a BLUE config needs, into the cache the "
             "editing engine reads. Runs in one process, or sharded over processes and nodes under "
-            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats --hparams ...`)."
+            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats.moments --hparams ...`)."
         ),
     )
     p.add_argument("--hparams", required=True, help="BLUE YAML config (e.g. hparams/BLUE/smollm2-135m.yaml)")
@@ -1022,17 +1022,17 @@ def build_arg_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m blue_plugin.stats``; returns the exit status.
+    """Entry point of ``python -m blue_plugin.stats.moments``; returns the exit status.
 
     Under ``torchrun`` every process runs this; each takes its shard of the corpus, the sums are
-    all-reduced and rank 0 writes the cache (see :mod:`blue_plugin.distributed`).
+    all-reduced and rank 0 writes the cache (see :mod:`blue_plugin.stats.distributed`).
     """
     import sys  # noqa: PLC0415
 
-    from .arch import resolve_layout  # noqa: PLC0415
+    from ..model.layout import resolve_layout  # noqa: PLC0415
     from .distributed import RankFailed, distributed_second_moments, init_distributed  # noqa: PLC0415
-    from .hparams import BLUEHyperParams  # noqa: PLC0415
-    from .models import default_cache_dir, load_model  # noqa: PLC0415
+    from ..hparams import BLUEHyperParams  # noqa: PLC0415
+    from ..model.loading import default_cache_dir, load_model  # noqa: PLC0415
 
     parser = build_arg_parser()
     args = parser.parse_args(argv)
@@ -1112,10 +1112,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if info is not None and info.backend is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module (the one blue_plugin.distributed imports), not __main__.
-    from blue_plugin.stats import main as _main
-
-    raise SystemExit(_main())

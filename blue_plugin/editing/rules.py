@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .hparams import BLUEHyperParams
+from ..hparams import BLUEHyperParams
 
 
 def memit_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float, KpKp: Optional[torch.Tensor] = None) -> torch.Tensor:

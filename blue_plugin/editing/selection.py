@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
-from .hooks import frozen
-from .hparams import BLUEHyperParams
+from ..model.hooks import frozen
+from ..hparams import BLUEHyperParams
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def window_layers(hp: BLUEHyperParams) -> list[int]:
 
 
 def _evaluate(editor, reqs, prefixes, layer: int, criterion: str) -> dict[str, Any]:
-    from .analysis import keys_at, layer_update, targets_at
+    from ..research.analysis import keys_at, layer_update, targets_at
 
     t = targets_at(editor, reqs, prefixes, layer)
     keys, outs = keys_at(editor, reqs, prefixes, [layer], [layer])
@@ -88,14 +88,14 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
                            details: Optional[dict] = None) -> tuple[int, int]:
     """Choose the (first, last) layers BLUE updates for this batch (see the module docstring).
 
-    ``editor``: a :class:`blue_plugin.engine.Editor` (its ``hp.layers`` / ``hp.dynamic_window``
+    ``editor``: a :class:`blue_plugin.editing.editor.Editor` (its ``hp.layers`` / ``hp.dynamic_window``
     define the window); ``reqs``: validated requests
-    (:func:`blue_plugin.requests.prepare_requests`); ``prefixes``: the context prefixes
+    (:func:`blue_plugin.editing.requests.prepare_requests`); ``prefixes``: the context prefixes
     (``editor.prefixes()``). ``details``, if given, is filled with the per-candidate scores.
     Returns ``(first, last)`` with ``first < last`` (equal only when ``hp.layers`` has one layer).
     With ``dynamic_window = 0`` it returns ``(layers[0], layers[-1])`` without any computation.
     """
-    from .analysis import add_update, layer_update, weights_restored
+    from ..research.analysis import add_update, layer_update, weights_restored
 
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")

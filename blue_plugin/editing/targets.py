@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .hooks import add_delta, block_index, capture, replay_blocks, run_until
-from .hparams import BLUEHyperParams
+from ..model.hooks import add_delta, block_index, capture, replay_blocks, run_until
+from ..hparams import BLUEHyperParams
 from .requests import Row, pad_rows, pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,9 @@ def compute_targets(
 ) -> TargetResult:
     """Optimise the targets at block ``block_name`` for ``n_requests`` requests.
 
-    ``rows`` come from :func:`blue_plugin.requests.target_rows`: ``n_prefixes`` rewriting rows
+    ``rows`` come from :func:`blue_plugin.editing.requests.target_rows`: ``n_prefixes`` rewriting rows
     per request (request-major, the first one with the empty prefix) followed by one KL row per
-    request. The model's parameters must not require grad (see :func:`blue_plugin.hooks.frozen`).
+    request. The model's parameters must not require grad (see :func:`blue_plugin.model.hooks.frozen`).
 
     ``lower_blocks`` (the names of all blocks below ``block_name``, in order) turns on replay:
     the output of ``block_name`` is computed once per chunk and the blocks up to it are skipped

@@ -27,10 +27,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .arch import find_module, resolve_layout
-from .hparams import BLUEHyperParams
-from .requests import EditRequest, encode_prompt, prepare_requests
-from .targets import input_device
+from ..model.layout import find_module, resolve_layout
+from ..hparams import BLUEHyperParams
+from ..editing.requests import EditRequest, encode_prompt, prepare_requests
+from ..editing.targets import input_device
 
 logger = logging.getLogger(__name__)
 

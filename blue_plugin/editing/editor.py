@@ -9,7 +9,7 @@ BLUE (``blue: true``): for l in (l_1, l_m), in that order, compute z_l at layer 
 A batch is all-or-nothing: the new weights are checked before they are written, and any error
 restores the edited matrices bit-for-bit and leaves the sequential state untouched.
 
-Whole-batch and whole-sequence rules (:mod:`blue_plugin.rules`): RECT masks each layer's update
+Whole-batch and whole-sequence rules (:mod:`blue_plugin.editing.rules`): RECT masks each layer's update
 when the batch is written; PRUNE runs the sequence unrestrained (kept in the state) and serves
 ``W_orig + restrain(W - W_orig)`` after every call (:meth:`Editor.finalize` is implicit).
 """
@@ -23,11 +23,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .arch import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
+from ..model.layout import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
 from .contexts import ContextPrefixes, generate_prefixes, with_groups
-from .errors import BLUEConfigError, BLUEEditError
-from .hooks import frozen
-from .hparams import BLUEHyperParams
+from ..errors import BLUEConfigError, BLUEEditError
+from ..model.hooks import frozen
+from ..hparams import BLUEHyperParams
 from .keys import keys_and_outputs
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule, null_space_projector
@@ -103,8 +103,8 @@ class Editor:
             return
         if any(ls.post_fp is not None for ls in self.state.layers.values()):
             logger.warning("loading key statistics after edits were made: if they are not cached yet they are computed on the edited model")
-        from .stats import get_second_moments
-        from .models import default_cache_dir
+        from ..stats.moments import get_second_moments
+        from ..model.loading import default_cache_dir
 
         names = {l: self.layout.rewrite(l) for l in missing}
         cache_dir = self.hp.stats_dir if self.hp.stats_dir is not None else default_cache_dir() / "stats"
@@ -330,7 +330,7 @@ class Editor:
 
     def finalize(self) -> dict[int, dict]:
         """Serve ``W_orig + restrain(W - W_orig)`` for a PRUNE sequence (``prune_timing: sequence``;
-        :meth:`EditState.finalize <blue_plugin.state.EditState.finalize>`). :meth:`apply` leaves the
+        :meth:`EditState.finalize <blue_plugin.editing.state.EditState.finalize>`). :meth:`apply` leaves the
         model so already; idempotent. Returns ``{layer: info}``; ``{}`` for other methods/timings."""
         if not self.rule.restrains_sequence(self.hp):
             return {}
@@ -388,7 +388,7 @@ def apply_blue_to_model(
     edited deep copy is returned. With ``return_orig_weights=True``, ``weights_copy`` maps the
     parameter names of exactly the changed matrices to their pre-edit values (restore with
     ``param.data.copy_(weights_copy[name])``). Consecutive calls on the same model are sequential
-    batch editing; the state lives in :func:`blue_plugin.get_state(model) <blue_plugin.state.get_state>`
+    batch editing; the state lives in :func:`blue_plugin.get_state(model) <blue_plugin.editing.state.get_state>`
     unless ``state`` is given. ``keep_original_weight`` and other EasyEdit keyword arguments are
     accepted and have no effect (the editor restores weights from ``weights_copy``).
     """

@@ -8,7 +8,7 @@
 * :meth:`EditSession.undo` restores the weights and the state from before the last batch(es)
   exactly (``undo_depth`` batches are kept, 1 by default);
 * :meth:`EditSession.finalize` serves the final weights of a PRUNE sequence (a no-op after every
-  batch, which serves them already; see :meth:`blue_plugin.engine.Editor.finalize`);
+  batch, which serves them already; see :meth:`blue_plugin.editing.editor.Editor.finalize`);
 * :meth:`EditSession.save` writes, atomically, everything needed to continue later: the edit
   state (accumulated K_p K_p^T per layer, PRUNE's originals, sigma_max and unrestrained weights,
   weight fingerprints, history, edit count, context prefixes) and the current (served) values of
@@ -41,10 +41,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .arch import ModelLayout, find_module, resolve_layout
-from .engine import Editor, apply_blue_to_model
-from .errors import BLUEEditError
-from .hparams import BLUEHyperParams
+from ..model.layout import ModelLayout, find_module, resolve_layout
+from .editor import Editor, apply_blue_to_model
+from ..errors import BLUEEditError
+from ..hparams import BLUEHyperParams
 from .state import EditState, check_finite_parameters, fingerprint, get_state
 
 logger = logging.getLogger(__name__)

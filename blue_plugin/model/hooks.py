@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import find_module
+from .layout import find_module
 
 
 class StopForward(Exception):

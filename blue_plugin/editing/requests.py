@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import BLUERequestError
-from .hparams import BLUEHyperParams
+from ..errors import BLUERequestError
+from ..hparams import BLUEHyperParams
 
 
 @dataclass
@@ -177,7 +177,7 @@ def target_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], f
 def key_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], fact_token: str) -> list[Row]:
     """Rows for keys and current outputs: every context prefix + prompt, for each request
     (request-major, in the order of ``prefixes``, whose groups weight the keys: see
-    :func:`blue_plugin.keys.group_mean`). The first prefix must be the empty one (its row gives the
+    :func:`blue_plugin.editing.keys.group_mean`). The first prefix must be the empty one (its row gives the
     current output h)."""
     rows = []
     for j, req in enumerate(requests):

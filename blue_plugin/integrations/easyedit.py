@@ -6,7 +6,7 @@ on hard-coded lists of algorithm names. :func:`register_with_easyedit` makes ``"
 exactly as ``"MEMIT"`` / ``"AlphaEdit"`` in all of them:
 
 * ``easyeditor.util.alg_dict.ALG_DICT["BLUE"]`` -> :func:`apply_blue_easyedit` (a thin adapter
-  that imports :func:`blue_plugin.engine.apply_blue_to_model` lazily);
+  that imports :func:`blue_plugin.editing.editor.apply_blue_to_model` lazily);
 * ``BatchEditor.is_batchable_method`` (an ``Enum`` staticmethod with a hard-coded chain of names)
   is wrapped so that it also answers ``True`` for ``"BLUE"`` (``batch_edit`` asserts on it);
 * ``BaseEditor.__init__`` sets the tokenizer's padding side from literal name lists; the wrapper
@@ -238,14 +238,14 @@ def apply_blue_easyedit(
     keep_original_weight: bool = False,
     **kwargs: Any,
 ):
-    """EasyEdit's ``apply_algo`` for BLUE: forwards to :func:`blue_plugin.engine.apply_blue_to_model`.
+    """EasyEdit's ``apply_algo`` for BLUE: forwards to :func:`blue_plugin.editing.editor.apply_blue_to_model`.
 
     EasyEdit calls it as ``apply_algo(model, tok, requests, hparams, copy=False,
     return_orig_weights=True[, keep_original_weight=False, train_ds=None])`` and expects
     ``(model, weights_copy)`` with ``weights_copy`` mapping full parameter names to their
     pre-edit tensors (it copies them back after a non-sequential edit).
     """
-    from .engine import apply_blue_to_model  # lazy: the engine is heavy and EasyEdit may be absent
+    from ..editing.editor import apply_blue_to_model  # lazy: the engine is heavy and EasyEdit may be absent
 
     kwargs.pop("train_ds", None)  # only meaningful for IKE; EasyEdit passes train_ds=None
     return apply_blue_to_model(
@@ -429,7 +429,7 @@ def register_with_easyedit(
     try:
         from easyeditor.util.hparams import HyperParams  # type: ignore
 
-        from .hparams import BLUEHyperParams
+        from ..hparams import BLUEHyperParams
 
         report["BLUEHyperParams_is_EasyEdit_HyperParams"] = issubclass(BLUEHyperParams, HyperParams)
     except Exception as exc:  # pragma: no cover - hparams module missing or broken

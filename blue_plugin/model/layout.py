@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import BLUEConfigError
-from .hparams import BLUEHyperParams
+from ..errors import BLUEConfigError
+from ..hparams import BLUEHyperParams
 
 _LLAMA_LIKE = {
     "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",

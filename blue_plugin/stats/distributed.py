@@ -6,9 +6,9 @@ model, gets the corpus from rank 0 (which reads it; a ``sampled`` corpus is gene
 once), and takes a deterministic shard of its documents: document ``i``
 goes to rank ``i % world_size`` (:func:`shard_indices`; shard sizes differ by at most one, a rank
 may get none). Each rank accumulates float64 sums of k k^T and token counts with
-:func:`blue_plugin.stats.collect_second_moments`; the sums and counts are all-reduced (SUM), and
+:func:`blue_plugin.stats.moments.collect_second_moments`; the sums and counts are all-reduced (SUM), and
 rank 0 writes the cache files -- the same files, names and metadata as the single-process
-:func:`blue_plugin.stats.get_second_moments`, so the editing engine finds them. The other ranks
+:func:`blue_plugin.stats.moments.get_second_moments`, so the editing engine finds them. The other ranks
 wait at a barrier until the files are written.
 
 Equality with a single process: a sum of float64 sums equals the single-process sum up to float64
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import stats
+from . import moments as stats
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +246,13 @@ def distributed_second_moments(
 
     A collective: every rank must call it with the same arguments (and the same model weights).
     Without an initialised process group it runs in this process alone, which gives exactly what
-    :func:`blue_plugin.stats.get_second_moments` gives.
+    :func:`blue_plugin.stats.moments.get_second_moments` gives.
 
     Args:
         model, tok, module_names, max_length, batch_size, mom2_dtype: as in
-            :func:`blue_plugin.stats.collect_second_moments`. ``max_length`` is capped at the
+            :func:`blue_plugin.stats.moments.collect_second_moments`. ``max_length`` is capped at the
             model's positions, as in ``get_second_moments``.
-        corpus, n_samples, subset: as in :func:`blue_plugin.stats.read_corpus`; rank 0 reads the
+        corpus, n_samples, subset: as in :func:`blue_plugin.stats.moments.read_corpus`; rank 0 reads the
             documents and sends them to every rank, which keeps its shard (:func:`shard_indices`).
         cache_dir: where rank 0 reads and writes the cache files (``None``: no cache). With
             several nodes this is rank 0's file system.

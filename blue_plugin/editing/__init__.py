@@ -1,0 +1,1 @@
+"""The editing core: requests, context prefixes, targets, keys, update rules, edit state, the editor, dynamic layer selection and sessions."""

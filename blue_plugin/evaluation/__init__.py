@@ -1,0 +1,1 @@
+"""Evaluation: datasets as EditCase records and the paper's metrics."""

@@ -1,0 +1,1 @@
+"""Adapters to host frameworks (EasyEdit)."""

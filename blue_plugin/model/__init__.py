@@ -1,0 +1,1 @@
+"""Model access: module layout and weight orientation, hooks, loading the embedded models."""
