@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .requests import pad_token_id
+from ..model.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ import torch
 from ..model.layout import ModelLayout
 from .contexts import ContextPrefixes
 from ..model.hooks import capture, run_until
-from .requests import Row, pad_rows, pad_token_id
-from .targets import input_device
+from ..model.devices import input_device
+from ..model.tokens import pad_token_id
+from .requests import Row, pad_rows
 
 
 def group_mean(k: torch.Tensor, prefixes: Sequence[str]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import BLUERequestError
 from ..hparams import BLUEHyperParams
+from ..model.tokens import encode_target
 
 
 @dataclass
@@ -53,21 +54,6 @@ def _text(value: Any, key: str, index: int, case_id: Any) -> str:
     if not isinstance(value, str):
         raise BLUERequestError(f"request {index} (case_id={case_id!r}): {key!r} must be a string, got {type(value).__name__}.")
     return value
-
-
-def pad_token_id(tok) -> int:
-    """The id used for padding: the pad token, else the eos token, else 0 (padding is always
-    masked out, so any id works)."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tok, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def encode_target(tok, target: str) -> list[int]:
-    """Target tokens as they follow a prompt: the tokenisation of ``" " + target``."""
-    return tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
 
 
 def prepare_requests(tok, requests: Sequence[dict], hparams: BLUEHyperParams) -> list[EditRequest]:

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 
 from ..model.hooks import add_delta, block_index, capture, replay_blocks, run_until
 from ..hparams import BLUEHyperParams
-from .requests import Row, pad_rows, pad_token_id
+from ..model.devices import input_device
+from ..model.tokens import pad_token_id
+from .requests import Row, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -451,14 +453,6 @@ def _maybe_replay(model, lower_blocks, block_name, cached):
     if cached is None:
         return nullcontext()
     return replay_blocks(model, lower_blocks, block_name, cached)
-
-
-def input_device(model) -> torch.device:
-    """Device of the input embeddings: where inputs go and where the optimisation runs (with an
-    accelerate ``device_map`` the blocks may sit on other devices)."""
-    emb = model.get_input_embeddings()
-    weight = getattr(emb, "weight", None)
-    return weight.device if weight is not None else next(model.parameters()).device
 
 
 def last_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

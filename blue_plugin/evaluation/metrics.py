@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from .data import EditCase
-from ..editing.requests import encode_target, pad_token_id
+from ..model.devices import input_device
+from ..model.tokens import encode_target, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int],
     if not target_ids:
         raise ValueError(f"answer {target!r} tokenises to no tokens")
     return prompt_ids, target_ids
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -123,7 +120,7 @@ def _teacher_forced(
     encoded = [encode_prompt_target(tok, p, a) for p, a in zip(prompts, answers)]
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     results: list[Any] = [None] * len(encoded)
-    device = _device(model)
+    device = input_device(model)
     pad = pad_token_id(tok)
     keep_ok = _accepts_logits_to_keep(model)
     with _inference(model):
@@ -330,7 +327,7 @@ def generate_greedy(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         pad_token_id=pad, eos_token_id=eos or None,
     )
-    device = _device(model)
+    device = input_device(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     with _inference(model):

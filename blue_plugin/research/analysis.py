@@ -47,10 +47,12 @@ from ..editing.editor import Editor
 from ..model.hooks import add_delta, frozen
 from ..hparams import BLUEHyperParams
 from ..editing.keys import keys_and_outputs
-from ..editing.requests import EditRequest, Row, encode_target, key_rows, pad_rows, pad_token_id, prepare_requests, target_rows
+from ..editing.requests import EditRequest, Row, key_rows, pad_rows, prepare_requests, target_rows
+from ..model.tokens import encode_target, pad_token_id
 from ..editing.rules import LayerInputs
 from ..editing.state import EditState
-from ..editing.targets import TargetResult, compute_targets, head_logits, input_device, last_hidden
+from ..editing.targets import TargetResult, compute_targets, head_logits, last_hidden
+from ..model.devices import input_device
 
 logger = logging.getLogger(__name__)
 

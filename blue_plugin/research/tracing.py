@@ -30,7 +30,7 @@ import torch
 from ..model.layout import find_module, resolve_layout
 from ..hparams import BLUEHyperParams
 from ..editing.requests import EditRequest, encode_prompt, prepare_requests
-from ..editing.targets import input_device
+from ..model.devices import input_device
 
 logger = logging.getLogger(__name__)
 

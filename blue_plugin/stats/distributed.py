@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.devices import accumulation_device, input_device, module_device
 from . import moments as stats
 
 logger = logging.getLogger(__name__)
@@ -275,8 +276,8 @@ def distributed_second_moments(
     stats.check_mom2_dtype(mom2_dtype)
     max_length = stats._effective_max_length(model, max_length)
     modules = dict(model.named_modules())
-    devices = {n: stats._accumulation_device(stats._module_device(model, modules[n])) for n in names}
-    info = current_dist(stats._input_device(model))
+    devices = {n: accumulation_device(module_device(model, modules[n])) for n in names}
+    info = current_dist(input_device(model))
 
     def read() -> list[str] | None:
         if not info.is_main:

@@ -59,7 +59,8 @@ from .corpus import (  # noqa: F401 -- re-exported: callers import these from bl
     corpus_identity,
     read_corpus,
 )
-from ..editing.requests import pad_token_id
+from ..model.devices import accumulation_device, input_device, module_device
+from ..model.tokens import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -123,30 +124,6 @@ def _validate_module_names(model: nn.Module, module_names: Iterable[str]) -> lis
             hint = f"; did you mean {close}?" if close else ""
             raise ValueError(f"module {name!r} does not exist in the model{hint}")
     return names
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Device for ``input_ids``: that of the input embeddings (handles ``device_map`` models)."""
-    try:
-        emb = model.get_input_embeddings()
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            return emb.weight.device
-    except (AttributeError, NotImplementedError):
-        pass
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _module_device(model: nn.Module, module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return _input_device(model)
-
-
-def _accumulation_device(device: torch.device) -> torch.device:
-    """float64 is not supported everywhere (Apple MPS); fall back to CPU there."""
-    return torch.device("cpu") if device.type == "mps" else device
 
 
 #: Tokens summed in a float32 partial sum before it is added to the float64 total.
@@ -337,7 +314,7 @@ def collect_second_moments(
         raise ValueError("no text produced any token; check the corpus and the tokenizer")
     ids.sort(key=len, reverse=True)  # longest first: least padding, memory peak shows early
     pad_id = pad_token_id(tok)
-    device = _input_device(model)
+    device = input_device(model)
 
     grams: dict[str, _GramSum] = {}
     counts: dict[str, int] = {name: 0 for name in names}
@@ -359,7 +336,7 @@ def collect_second_moments(
                     f"input of {name} has shape {tuple(x.shape)}, which does not line up with the "
                     f"(batch, sequence) shape {tuple(mask.shape)}; cannot tell real tokens from padding"
                 )
-            acc_device = _accumulation_device(x.device)
+            acc_device = accumulation_device(x.device)
             index_cache: dict = state["index"]  # type: ignore[assignment]
             if x.device not in index_cache:
                 index_cache[x.device] = state["flat_index"].to(x.device, non_blocking=True)  # type: ignore[union-attr]
@@ -744,7 +721,7 @@ def get_second_moments(
     check_mom2_dtype(mom2_dtype)
     max_length = _effective_max_length(model, max_length)
     modules = dict(model.named_modules())
-    devices = {n: _accumulation_device(_module_device(model, modules[n])) for n in names}
+    devices = {n: accumulation_device(module_device(model, modules[n])) for n in names}
 
     def read() -> list[str]:
         return read_corpus(corpus, n_samples, subset=subset, model=model, tok=tok, max_length=max_length,
@@ -914,7 +891,7 @@ def sample_corpus(model, tok, n: int, max_length: int, seed: int = DEFAULT_SEED,
 
     _check_positive_int(n, "n")
     _check_positive_int(max_length, "max_length")
-    device = _input_device(model)
+    device = input_device(model)
     stops = [tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
              *getattr(tok, "all_special_ids", [])]
     eos = {t for t in stops for t in (t if isinstance(t, (list, tuple)) else [t]) if isinstance(t, int)}
