@@ -344,6 +344,22 @@ class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
         return out
 
     @classmethod
+    def coerce(cls, hparams: Any) -> "BLUEHyperParams":
+        """``hparams`` as a :class:`BLUEHyperParams`: an instance as it is, a dict of its keys, or a
+        YAML path or shipped name (as :meth:`from_hparams`); anything else is a
+        :class:`~blue_plugin.errors.BLUEConfigError` that says how to make one."""
+        if isinstance(hparams, BLUEHyperParams):
+            return hparams
+        if isinstance(hparams, dict):
+            return cls.from_dict(hparams)
+        if isinstance(hparams, (str, os.PathLike)):
+            return cls.from_hparams(hparams)
+        raise BLUEConfigError(
+            f"hparams must be a BLUEHyperParams, a dict of its keys or a YAML path, got {type(hparams).__name__}; "
+            "load one with BLUEHyperParams.from_hparams('smollm2-135m') or from_hparams('path/to/file.yaml')."
+        )
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BLUEHyperParams":
         """Read a JSON file of hyperparameters (as EasyEdit's ``HyperParams.from_json``)."""
         try:
