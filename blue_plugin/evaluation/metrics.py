@@ -22,31 +22,42 @@ zsRE (per case, :func:`zsre_case_scores`):
       as ``locality_answer_accuracy`` for analysis.
 
 Values are fractions in [0, 1] (entropy in bits); the paper's tables multiply everything by 100.
+Fluency and generation live in :mod:`blue_plugin.evaluation.generation`, the bootstrap summary in
+:mod:`blue_plugin.evaluation.summary`; both are re-exported here.
 All model calls run under ``torch.no_grad()`` in eval mode (the previous mode is restored), on the
 device of the model's parameters; results come back on the CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import math
-import re
-from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .data import EditCase
+from .generation import (  # noqa: F401  (fluency is part of the metrics' public face)
+    NGRAM_ORDERS,
+    NGRAM_WEIGHTS,
+    case_fluency,
+    check_batch_size,
+    fluency_scores,
+    generate_greedy,
+    inference,
+    ngram_entropy,
+    word_tokens,
+)
+from .summary import METRICS, bootstrap_ci, mean_or_none, summarize  # noqa: F401
 from ..model.devices import input_device
 from ..model.tokens import encode_target, pad_token_id
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency")
-NGRAM_ORDERS = (2, 3)
-NGRAM_WEIGHTS = (2 / 3, 4 / 3)
+__all__ = [
+    "METRICS", "NGRAM_ORDERS", "NGRAM_WEIGHTS", "answer_argmax_tokens", "answer_nll", "answer_token_accuracy",
+    "bootstrap_ci", "case_fluency", "counterfact_case_scores", "encode_prompt_target", "fluency_scores",
+    "generate_greedy", "ngram_entropy", "summarize", "word_tokens", "zsre_case_scores", "zsre_locality_predictions",
+]
 
 # ----------------------------------------------------------------------------------------------
 # tokenisation and batching helpers
@@ -54,7 +65,7 @@ NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 
 def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt`` (with default special tokens) and of the target as the engine encodes
-    it (:func:`blue_plugin.editing.requests.encode_target`: ``" " + target.strip()``, no special tokens).
+    it (:func:`blue_plugin.model.tokens.encode_target`: ``" " + target.strip()``, no special tokens).
 
     The model is scored on ``prompt_ids + target_ids``; the editing engine uses the same split.
 
@@ -77,18 +88,6 @@ def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int],
     return prompt_ids, target_ids
 
 
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """``torch.no_grad`` + eval mode, restoring the model's training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -99,8 +98,7 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 def _check_pairs(prompts: Sequence[str], answers: Sequence[str], batch_size: int) -> None:
     if len(prompts) != len(answers):
         raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; give one answer per prompt")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
 
 
 def _teacher_forced(
@@ -123,7 +121,7 @@ def _teacher_forced(
     device = input_device(model)
     pad = pad_token_id(tok)
     keep_ok = _accepts_logits_to_keep(model)
-    with _inference(model):
+    with inference(model):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             rows = [encoded[i] for i in idx]
@@ -237,8 +235,8 @@ def counterfact_case_scores(
         out.append({
             "case_id": case.case_id,
             "efficacy": float(nll[rewrite[0]] < nll[rewrite[1]]),
-            "generalization": _mean([float(n < t) for n, t in zip(para_new, para_true)]),
-            "specificity": _mean([float(t < n) for n, t in zip(nb_new, nb_true)]),
+            "generalization": mean_or_none([float(n < t) for n, t in zip(para_new, para_true)]),
+            "specificity": mean_or_none([float(t < n) for n, t in zip(nb_new, nb_true)]),
             "consistency": None,
             "rewrite_nll_new": nll[rewrite[0]],
             "rewrite_nll_true": nll[rewrite[1]],
@@ -248,132 +246,6 @@ def counterfact_case_scores(
             "neighborhood_nll_true": nb_true,
         })
     return out
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
-# ----------------------------------------------------------------------------------------------
-# fluency
-
-_WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]", re.UNICODE)
-
-
-def word_tokens(text: str) -> list[str]:
-    """Split text into words (letters/digits, inner apostrophes kept) and single punctuation marks.
-
-    A dependency-free stand-in for ``nltk.word_tokenize`` (which ROME used); it differs only in
-    details such as contraction splitting ("don't" stays one token here).
-    """
-    return _WORD_RE.findall(text)
-
-
-def ngram_entropy(text: str, orders: Sequence[int] = NGRAM_ORDERS, weights: Sequence[float] = NGRAM_WEIGHTS) -> float:
-    """Weighted n-gram entropy of one text (ROME's fluency measure), in bits.
-
-    Definition: with ``f_n`` the relative frequencies of the distinct word n-grams of the text,
-    ``H_n = -sum f_n log2 f_n``; the score is the arithmetic mean of ``w_n * H_n`` over n, i.e.
-    with the defaults ``(2/3 * H_2 + 4/3 * H_3) / 2``. A text with fewer than n words has
-    ``H_n = 0``. Paper tables report this value x100 (e.g. 6.2 bits -> 620).
-    """
-    if len(orders) != len(weights) or not orders:
-        raise ValueError(f"need one weight per n-gram order, got orders={orders!r} weights={weights!r}")
-    words = word_tokens(text)
-    total = 0.0
-    for n, w in zip(orders, weights):
-        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        m = sum(counts.values())
-        h = -sum((c / m) * math.log2(c / m) for c in counts.values()) if m else 0.0
-        total += w * h
-    return total / len(orders)
-
-
-def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tok, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else [int(e) for e in eos]
-
-
-def generate_greedy(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
-) -> list[str]:
-    """Greedy continuation of each prompt, returned as the decoded prompt + continuation.
-
-    Prompts are tokenised with default special tokens, left-padded in batches of ``batch_size``
-    (sorted by length) and extended by up to ``max_new_tokens`` tokens; generation of a row stops
-    at the model's EOS token (which is not included in the text).
-    """
-    from transformers import GenerationConfig
-
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    _check_pairs(prompts, prompts, batch_size)
-    encoded = []
-    for p in prompts:
-        if not isinstance(p, str):
-            raise ValueError(f"prompts must be strings, got {p!r}")
-        ids = list(tok(p)["input_ids"])
-        if not ids:
-            raise ValueError(f"prompt {p!r} tokenises to no tokens; give a non-empty prompt")
-        encoded.append(ids)
-    pad = pad_token_id(tok)
-    eos = _eos_ids(model, tok)
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        pad_token_id=pad, eos_token_id=eos or None,
-    )
-    device = input_device(model)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
-    with _inference(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                n = len(encoded[i])
-                ids[r, width - n :] = torch.tensor(encoded[i])
-                mask[r, width - n :] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-            new = out[:, width:].cpu().tolist()
-            for r, i in enumerate(idx):
-                cont = new[r]
-                for j, t in enumerate(cont):
-                    if t in eos:
-                        cont = cont[:j]
-                        break
-                texts[i] = tok.decode(encoded[i] + cont, skip_special_tokens=True)
-    return texts
-
-
-def fluency_scores(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
-) -> list[float]:
-    """Weighted bi/tri-gram entropy (:func:`ngram_entropy`, bits) of the greedy generation per prompt.
-
-    The scored text is the prompt followed by up to ``max_new_tokens`` greedily generated tokens
-    (ROME scored prompt + generation too, but sampled with top-k 5 up to 100 tokens in total).
-    A case's fluency is the mean over its generation prompts; tables report it x100.
-    """
-    return [ngram_entropy(t) for t in generate_greedy(model, tok, prompts, max_new_tokens, batch_size)]
-
-
-def case_fluency(
-    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 64
-) -> list[float | None]:
-    """Per case, the mean :func:`fluency_scores` over its ``generation_prompts`` (None if it has none).
-
-    Repeated prompts are generated once (greedy decoding is deterministic) but keep their weight.
-    """
-    unique = list(dict.fromkeys(p for c in cases for p in c.generation_prompts))
-    scores = dict(zip(unique, fluency_scores(model, tok, unique, max_new_tokens, batch_size))) if unique else {}
-    return [_mean([scores[p] for p in c.generation_prompts]) for c in cases]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,67 +324,10 @@ def zsre_case_scores(
         out.append({
             "case_id": case.case_id,
             "efficacy": acc(res[start]),
-            "generalization": _mean([acc(r) for r in res[start + 1 : start + 1 + n_re]]),
+            "generalization": mean_or_none([acc(r) for r in res[start + 1 : start + 1 + n_re]]),
             "specificity": same / total if total else None,
             "fluency": None,
             "consistency": None,
-            "locality_answer_accuracy": _mean([acc(r) for r in loc_res]),
+            "locality_answer_accuracy": mean_or_none([acc(r) for r in loc_res]),
         })
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# aggregation
-
-
-def bootstrap_ci(
-    values: Sequence[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of ``values`` and a percentile bootstrap ``1 - alpha`` confidence interval for it.
-
-    Resamples the values with replacement ``n_boot`` times (numpy Generator seeded by ``seed``)
-    and takes the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means.
-
-    Returns:
-        ``(mean, ci_low, ci_high)`` as floats.
-    """
-    arr = np.asarray([float(v) for v in values], dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("bootstrap_ci got non-finite values; drop or fix them first")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    if arr.min() == arr.max():  # degenerate bootstrap distribution: avoid float summation noise
-        c = float(arr[0])
-        return c, c, c
-    rng = np.random.default_rng(seed)
-    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(arr.mean()), float(lo), float(hi)
-
-
-def summarize(
-    case_scores: Sequence[dict[str, Any]],
-    keys: Sequence[str] = METRICS,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Mean and bootstrap CI of each metric over cases, skipping None / missing values.
-
-    Returns:
-        ``{key: {"mean", "ci_low", "ci_high", "n"}}``; a metric with no values (e.g. consistency)
-        gets None for mean and bounds and ``n = 0``.
-    """
-    summary = {}
-    for key in keys:
-        values = [float(s[key]) for s in case_scores if s.get(key) is not None]
-        if values:
-            mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, alpha=alpha, seed=seed)
-            summary[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(values)}
-        else:
-            summary[key] = {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
-    return summary
