@@ -52,9 +52,9 @@ DEFAULTED_YAML_KEYS = ("base_method", "blue")
 
 
 def _easyedit_base() -> type:
-    """EasyEdit's HyperParams when EasyEdit is available (see :mod:`blue_plugin.integrations.easyedit`), else
-    a small stand-in, so EasyEdit code that checks ``isinstance(hp, HyperParams)`` works."""
-    from .integrations.easyedit import easyedit_hyperparams_base
+    """EasyEdit's HyperParams when EasyEdit is available (see :mod:`blue_plugin.integrations.easyedit_import`),
+    else a small stand-in, so EasyEdit code that checks ``isinstance(hp, HyperParams)`` works."""
+    from .integrations.easyedit_import import easyedit_hyperparams_base
 
     base = easyedit_hyperparams_base()
     return base if base is not None else _StandaloneHyperParams

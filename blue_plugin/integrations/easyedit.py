@@ -1,12 +1,12 @@
 """EasyEdit integration: make ``BaseEditor`` run BLUE.
 
-EasyEdit (zjunlp/EasyEdit) is used as a git checkout whose ``easyeditor`` package is put on
-``sys.path``. It dispatches on ``hparams.alg_name`` through ``ALG_DICT`` and, in a few places,
-on hard-coded lists of algorithm names. :func:`register_with_easyedit` makes ``"BLUE"`` behave
-exactly as ``"MEMIT"`` / ``"AlphaEdit"`` in all of them:
+EasyEdit dispatches on ``hparams.alg_name`` through ``ALG_DICT`` and, in a few places, on
+hard-coded lists of algorithm names. :func:`register_with_easyedit` imports EasyEdit (see
+:mod:`blue_plugin.integrations.easyedit_import`, whose names are re-exported here) and makes
+``"BLUE"`` behave exactly as ``"MEMIT"`` / ``"AlphaEdit"`` in all of them:
 
 * ``easyeditor.util.alg_dict.ALG_DICT["BLUE"]`` -> :func:`apply_blue_easyedit` (a thin adapter
-  that imports :func:`blue_plugin.editing.editor.apply_blue_to_model` lazily);
+  around :func:`blue_plugin.editing.editor.apply_blue_to_model`);
 * ``BatchEditor.is_batchable_method`` (an ``Enum`` staticmethod with a hard-coded chain of names)
   is wrapped so that it also answers ``True`` for ``"BLUE"`` (``batch_edit`` asserts on it);
 * ``BaseEditor.__init__`` sets the tokenizer's padding side from literal name lists; the wrapper
@@ -18,29 +18,26 @@ exactly as ``"MEMIT"`` / ``"AlphaEdit"`` in all of them:
 
 Everything is idempotent and leaves other algorithms untouched (the wrappers only act when the
 algorithm name is ``"BLUE"``).
-
-Importing ``easyeditor`` imports all of EasyEdit, multimodal parts included. On a CPU machine
-with a current transformers two things cannot be installed from the package index:
-``torchvision`` (its index wheel is a CUDA build that breaks transformers' ``AutoProcessor``
-next to a CPU torch; ``timm`` needs it) and ``transformers.modeling_attn_mask_utils`` (removed
-from transformers after the 5.5 release that EasyEdit pins; only UnKE uses it).
-:func:`import_easyeditor` serves inert placeholders for exactly these modules, only while
-``easyeditor`` is being imported, only to importers inside ``easyeditor``, and only when the real
-module is missing. A placeholder raises :class:`ImportError` when anything from it is called, and
-is removed from ``sys.modules`` afterwards, so no other library ever sees it.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
+import dataclasses
 import logging
 import os
-import sys
-import types
+from copy import copy as shallow_copy
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from ..editing.editor import apply_blue_to_model
+from ..hparams import BLUEHyperParams
+from .easyedit_import import (
+    EASYEDIT_ROOT_ENV,
+    available_root,
+    easyedit_hyperparams_base,
+    easyedit_root,
+    import_easyeditor,
+    last_placeholders,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,170 +56,9 @@ __all__ = [
 
 #: The name under which BLUE is registered in EasyEdit (``alg_name`` in the YAML files).
 ALG_NAME = "BLUE"
-#: Environment variable pointing at an EasyEdit checkout (the folder that contains ``easyeditor/``).
-EASYEDIT_ROOT_ENV = "EASYEDIT_ROOT"
 #: The EasyEdit algorithm BLUE is set up like by ``BaseEditor`` (model loading, padding side).
 _TEMPLATE_ALG = "MEMIT"
-#: Modules that may be served as placeholders during ``import easyeditor`` (see module docstring).
-_SHIMMABLE = ("torchvision", "timm", "transformers.modeling_attn_mask_utils")
 _MARK = "__blue_plugin_wrapped__"
-_SHIM_HINT = (
-    "this is a placeholder that blue_plugin served while importing EasyEdit, because the module is "
-    "not installed; it is only needed by EasyEdit's multimodal / UnKE code. Install it (torchvision "
-    "and timm: a torchvision build matching your torch; modeling_attn_mask_utils: transformers==5.5.4) "
-    "to use that part of EasyEdit."
-)
-
-# What the last successful import_easyeditor() served as placeholders (for the registration report).
-_last_shims: list[str] = []
-
-
-# ------------------------------------------------------------------------------------------------
-# Locating and importing EasyEdit
-# ------------------------------------------------------------------------------------------------
-def easyedit_root(root: Optional[str | os.PathLike] = None) -> Optional[Path]:
-    """The EasyEdit checkout to use: ``root`` if given, else ``$EASYEDIT_ROOT``, else ``None``.
-
-    Raises :class:`ValueError` when the folder given does not contain ``easyeditor/__init__.py``.
-    """
-    source = "root argument"
-    if root is None:
-        env = os.environ.get(EASYEDIT_ROOT_ENV, "").strip()
-        if not env:
-            return None
-        root, source = env, f"${EASYEDIT_ROOT_ENV}"
-    path = Path(root).expanduser().resolve()
-    if not (path / "easyeditor" / "__init__.py").is_file():
-        raise ValueError(
-            f"{source} = {str(root)!r} is not an EasyEdit checkout: {path / 'easyeditor' / '__init__.py'} "
-            "does not exist. Point it at the folder that contains 'easyeditor/' "
-            "(git clone https://github.com/zjunlp/EasyEdit)."
-        )
-    return path
-
-
-class _Placeholder:
-    """Stands for any object imported from a missing module; calling it raises ImportError."""
-
-    def __init__(self, qualname: str) -> None:
-        self._qualname = qualname
-
-    def __getattr__(self, name: str) -> "_Placeholder":
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(f"{self._qualname}.{name}")
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ImportError(f"{self._qualname}: {_SHIM_HINT}")
-
-    def __repr__(self) -> str:
-        return f"<blue_plugin placeholder {self._qualname}>"
-
-
-class _PlaceholderModule(types.ModuleType):
-    """A module whose every attribute is a :class:`_Placeholder`."""
-
-    __blue_plugin_placeholder__ = True
-
-    def __getattr__(self, name: str) -> _Placeholder:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(f"{self.__name__}.{name}")
-
-
-def _importer_module() -> str:
-    """``__name__`` of the module whose import statement is being resolved (skips importlib)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (frame.f_code.co_filename.startswith("<frozen") or name == "importlib" or name.startswith("importlib.")):
-            return name
-        frame = frame.f_back
-    return ""
-
-
-class _CompatFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Last-resort finder: serves placeholders for :data:`_SHIMMABLE` modules to easyeditor only.
-
-    It is appended to the end of ``sys.meta_path``, so the import system asks it only after every
-    real finder failed, i.e. only for modules that are really missing.
-    """
-
-    def __init__(self) -> None:
-        self.served: list[str] = []
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        if not any(fullname == m or fullname.startswith(m + ".") for m in _SHIMMABLE):
-            return None
-        importer = _importer_module()
-        if not (importer == "easyeditor" or importer.startswith("easyeditor.")):
-            return None  # e.g. transformers probing whether torchvision is installed
-        parent = fullname.rpartition(".")[0]
-        if parent and fullname not in _SHIMMABLE:
-            # a submodule: only below a placeholder package, never inside a real one
-            if not getattr(sys.modules.get(parent), "__blue_plugin_placeholder__", False):
-                return None
-        self.served.append(fullname)
-        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-
-    def create_module(self, spec):
-        return _PlaceholderModule(spec.name)
-
-    def exec_module(self, module) -> None:
-        module.__path__ = []  # a package, so that its submodules come here as well
-
-
-def _drop_modules(prefix: str) -> None:
-    for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
-        del sys.modules[name]
-
-
-def import_easyeditor(root: Optional[str | os.PathLike] = None, *, compat: bool = True) -> types.ModuleType:
-    """Import and return the ``easyeditor`` package.
-
-    ``root`` (or ``$EASYEDIT_ROOT``) is the EasyEdit checkout; it is put first on ``sys.path``.
-    Without either, ``easyeditor`` must already be importable. With ``compat=True`` the
-    placeholders described in the module docstring are served for missing modules during the
-    import (and removed again afterwards). Raises :class:`ImportError` saying which package to
-    install when EasyEdit cannot be imported.
-    """
-    global _last_shims
-    if "easyeditor" in sys.modules and getattr(sys.modules["easyeditor"], "BaseEditor", None) is not None:
-        return sys.modules["easyeditor"]
-    path = easyedit_root(root)
-    if path is not None and str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    if importlib.util.find_spec("easyeditor") is None:
-        raise ImportError(
-            "easyeditor is not importable: clone https://github.com/zjunlp/EasyEdit and pass its folder "
-            f"as root=... or set {EASYEDIT_ROOT_ENV}=/path/to/EasyEdit."
-        )
-    finder = _CompatFinder() if compat else None
-    if finder is not None:
-        sys.meta_path.append(finder)
-    try:
-        module = importlib.import_module("easyeditor")
-    except Exception as exc:
-        _drop_modules("easyeditor")  # a later retry starts clean
-        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
-        hint = (
-            f"install the missing package ({missing!r}; see docs/easyedit.md for the full list)"
-            if missing
-            else "see docs/easyedit.md (a torchvision installed for CUDA next to a CPU torch breaks "
-            "transformers' AutoProcessor: uninstall torchvision and timm, or install matching builds)"
-        )
-        raise ImportError(f"importing EasyEdit failed: {type(exc).__name__}: {exc}; {hint}") from exc
-    finally:
-        if finder is not None:
-            sys.meta_path.remove(finder)
-            for name in finder.served:
-                mod = sys.modules.get(name)
-                if getattr(mod, "__blue_plugin_placeholder__", False):
-                    del sys.modules[name]
-    _last_shims = list(finder.served) if finder is not None else []
-    if _last_shims:
-        logger.info("EasyEdit imported with placeholders for missing optional modules: %s", ", ".join(_last_shims))
-    return module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,8 +81,6 @@ def apply_blue_easyedit(
     ``(model, weights_copy)`` with ``weights_copy`` mapping full parameter names to their
     pre-edit tensors (it copies them back after a non-sequential edit).
     """
-    from ..editing.editor import apply_blue_to_model  # lazy: the engine is heavy and EasyEdit may be absent
-
     kwargs.pop("train_ds", None)  # only meaningful for IKE; EasyEdit passes train_ds=None
     return apply_blue_to_model(
         model,
@@ -307,13 +141,11 @@ def with_model(hparams, model, tok, name: Optional[str] = None):
     to the device of the model's weights, because ``BaseEditor`` moves the model to
     ``hparams.device`` (an integer there means ``cuda:N``).
     """
-    import dataclasses
-
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
         raise ValueError("with_model: 'model' must be a torch module with parameters.") from None
-    new = dataclasses.replace(hparams) if dataclasses.is_dataclass(hparams) else __import__("copy").copy(hparams)
+    new = dataclasses.replace(hparams) if dataclasses.is_dataclass(hparams) else shallow_copy(hparams)
     new.model_name = EasyEditModel(model, tok, name)
     new.device = str(device)
     return new
@@ -429,49 +261,13 @@ def register_with_easyedit(
     try:
         from easyeditor.util.hparams import HyperParams  # type: ignore
 
-        from ..hparams import BLUEHyperParams
-
         report["BLUEHyperParams_is_EasyEdit_HyperParams"] = issubclass(BLUEHyperParams, HyperParams)
     except Exception as exc:  # pragma: no cover - hparams module missing or broken
         report["BLUEHyperParams_is_EasyEdit_HyperParams"] = f"unknown ({exc})"
-    report["placeholders"] = list(_last_shims)
+    report["placeholders"] = last_placeholders()
     if verbose:
         logger.info("BLUE registered with EasyEdit: %s", report)
     return report
-
-
-def _available_root() -> tuple[bool, Optional[Path]]:
-    """Whether EasyEdit looks available (without importing it), and the checkout to use."""
-    if os.environ.get("BLUE_PLUGIN_NO_EASYEDIT", "").strip() not in ("", "0"):
-        return False, None
-    try:
-        root = easyedit_root()
-    except ValueError as exc:
-        logger.warning("ignoring EasyEdit: %s", exc)
-        return False, None
-    if root is None and "easyeditor" not in sys.modules:
-        try:
-            if importlib.util.find_spec("easyeditor") is None:
-                return False, None
-        except (ImportError, ValueError):
-            return False, None
-    return True, root
-
-
-def easyedit_hyperparams_base() -> Optional[type]:
-    """EasyEdit's ``HyperParams`` class when EasyEdit is available (same rules as
-    :func:`try_register`; imported with :func:`import_easyeditor`), else ``None``. Meant for
-    choosing the base class of :class:`~blue_plugin.hparams.BLUEHyperParams`."""
-    available, root = _available_root()
-    if not available:
-        return None
-    try:
-        import_easyeditor(root)
-        from easyeditor.util.hparams import HyperParams  # type: ignore
-    except (ImportError, ValueError) as exc:
-        logger.warning("EasyEdit found but not importable: %s", exc)
-        return None
-    return HyperParams
 
 
 def try_register() -> Optional[dict[str, Any]]:
@@ -482,7 +278,7 @@ def try_register() -> Optional[dict[str, Any]]:
     ``BLUE_PLUGIN_NO_EASYEDIT=1`` to skip this (importing EasyEdit takes several seconds).
     Problems (EasyEdit present but not importable, ``BLUE`` taken) are logged as warnings.
     """
-    available, root = _available_root()
+    available, root = available_root()
     if not available:
         return None
     try:
