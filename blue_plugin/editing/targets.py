@@ -18,12 +18,11 @@ Work skipped without changing the numbers (up to float rounding):
   computed once and replayed in every step;
 * prefix cache (``v_prefix_cache``): attention is causal and the delta enters at the edited
   token, so every layer's keys and values at the positions *before* that token are the same in
-  every step. They are computed once (:class:`_PrefixCache`) and each step runs only the tokens
+  every step. They are computed once (:class:`~blue_plugin.editing.prefix_cache.PrefixCache`) and each step runs only the tokens
   from the edited token on (on CounterFact with SmolLM2, about 28 % of the tokens).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from contextlib import nullcontext
@@ -33,10 +32,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model.hooks import add_delta, block_index, capture, replay_blocks, run_until
+from ..model.hooks import add_delta, capture, replay_blocks, run_until
 from ..hparams import BLUEHyperParams
 from ..model.devices import input_device
 from ..model.tokens import pad_token_id
+from .prefix_cache import NoPrefixCache, PrefixCache, budget_groups, cache_kwarg
 from .requests import Row, pad_rows
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def compute_targets(
     the output of ``block_name`` is computed once per chunk and the blocks up to it are skipped
     in every optimisation step, which gives the same numbers for less compute.
     ``hparams.v_prefix_cache`` makes every step run only the tokens from the edited token on
-    (see :class:`_PrefixCache`); a decoder whose key/value cache cannot serve for that falls back
+    (see :class:`PrefixCache`); a decoder whose key/value cache cannot serve for that falls back
     to whole rows with a warning.
     """
     device = input_device(model)  # with device_map, blocks may sit elsewhere; see last_hidden
@@ -134,9 +134,9 @@ def compute_targets(
     prefix = None
     if hparams.v_prefix_cache:
         try:
-            prefix = _PrefixCache.build(model, block_name, rows, pad_id, device, hparams.v_max_batch_tokens,
+            prefix = PrefixCache.build(model, block_name, rows, pad_id, device, hparams.v_max_batch_tokens,
                                         replay=bool(lower_blocks))
-        except _NoPrefixCache as exc:
+        except NoPrefixCache as exc:
             logger.warning("%s; optimising over whole rows instead (set v_prefix_cache: false to skip this check)", exc)
 
     for it in range(hparams.v_num_grad_steps):
@@ -216,7 +216,7 @@ class _Chunk:
     kl_row: torch.Tensor
     kl_req: torch.Tensor
     cached: Optional[torch.Tensor] = None
-    kv: Optional[tuple] = None  # prefix cache: (_PrefixCache, row indices, prefix positions)
+    kv: Optional[tuple] = None  # prefix cache: (PrefixCache, row indices, prefix positions)
 
     def inputs(self, model) -> dict:
         """The model inputs of one step: with a prefix cache, a fresh cache holding the prefix
@@ -227,7 +227,7 @@ class _Chunk:
 
         prefix, index, p_max = self.kv
         cache = DynamicCache(ddp_cache_data=prefix.cache_data(index, p_max), config=model.config)
-        return dict(self.batch, **{_cache_kwarg(model): cache})
+        return dict(self.batch, **{cache_kwarg(model): cache})
 
 
 class _BatchPlan:
@@ -236,7 +236,7 @@ class _BatchPlan:
     on, the only ones a step runs). Rebuilt only when the active set changes."""
 
     def __init__(self, rw_rows, kl_rows, active, n_prefixes, pad_id, device, max_tokens: int,
-                 prefix: "Optional[_PrefixCache]" = None, replay: bool = False):
+                 prefix: "Optional[PrefixCache]" = None, replay: bool = False):
         self.active = list(active)
         self.active_t = torch.tensor(active, device=device)
         local = {j: k for k, j in enumerate(active)}
@@ -246,7 +246,7 @@ class _BatchPlan:
         tagged = [(i, True) for j in active for i in range(j * n_prefixes, (j + 1) * n_prefixes)]
         tagged += [(n_rw + j, False) for j in active]
         width = (lambda i: len(all_rows[i].ids) - all_rows[i].lookup) if prefix else (lambda i: len(all_rows[i].ids))
-        groups = _budget_groups(tagged, lambda t: width(t[0]), max_tokens)
+        groups = budget_groups(tagged, lambda t: width(t[0]), max_tokens)
         self.chunks = [self._chunk(g, all_rows, local, pad_id, device, prefix, replay) for g in groups]
 
     @torch.no_grad()
@@ -291,162 +291,6 @@ class _BatchPlan:
         if prefix:
             prefix.fill_chunk(chunk, index, all_rows, pad_id, device, replay)
         return chunk
-
-
-class _NoPrefixCache(Exception):
-    """The model's key/value cache cannot serve as a prefix cache (see :class:`_PrefixCache`)."""
-
-
-class _PrefixCache:
-    """Per row: every attention layer's keys and values at the positions before the edited token
-    (``lookup``), and the edited block's output from the edited token on. Neither depends on the
-    delta (it is added at ``lookup``, attention is causal), so both are computed once, with the
-    unedited forward pass, and reused in every step.
-
-    Stored padded, so that a chunk is gathered with one ``index_select`` per layer:
-    ``keys[l]`` / ``values[l]``: (rows, heads, P, head_dim) with row i's ``lookup_i`` positions
-    right-aligned against P = the longest prefix (zeros before them), or None for the layers a
-    replayed step never runs (all blocks up to the edited one except the first, whose cache
-    length tells the model how many positions are cached); ``out``: (rows, S, d_model) with
-    row i's output from its edited token on left-aligned (None without replay).
-    """
-
-    def __init__(self, keys: list, values: list, out: Optional[torch.Tensor], prefix_len: int):
-        self.keys, self.values, self.out, self.prefix_len = keys, values, out, prefix_len
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model, block_name: str, rows: list[Row], pad_id: int, device, max_tokens: int,
-              replay: bool) -> "_PrefixCache":
-        from transformers import DynamicCache  # noqa: PLC0415
-
-        edited = block_index(block_name)
-        p_all = max(r.lookup for r in rows)
-        s_all = max(len(r.ids) - r.lookup for r in rows)
-        keys: list = []
-        values: list = []
-        out: Optional[torch.Tensor] = None
-        for group in _budget_groups(range(len(rows)), lambda i: len(rows[i].ids), max_tokens):
-            batch = pad_rows([rows[i] for i in group], pad_id, device)
-            cache = DynamicCache(config=model.config)
-            with capture(model, outputs_of=[block_name]) as store:
-                try:
-                    model.base_model(**batch, **{_cache_kwarg(model): cache}, use_cache=True)
-                except TypeError as exc:  # a decoder without a key/value cache argument
-                    raise _NoPrefixCache(f"{type(model).__name__} takes no key/value cache ({exc})") from exc
-            layers = list(getattr(cache, "layers", []))
-            width = batch["input_ids"].shape[1]
-            if len(layers) <= edited or any(
-                getattr(layer, "keys", None) is None or layer.keys.dim() != 4 or layer.keys.shape[-2] != width
-                or layer.values.shape[:-1] != layer.keys.shape[:-1]
-                for layer in layers
-            ):
-                raise _NoPrefixCache(
-                    f"{type(model).__name__} does not keep a per-layer key/value cache of the usual shape "
-                    "(batch, heads, positions, head_dim) for these rows"
-                )
-            if not keys:  # first group: allocate the padded stores
-                kept = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
-                for l, layer in enumerate(layers):
-                    if l not in kept:
-                        keys.append(None)
-                        values.append(None)
-                        continue
-                    k, v = layer.keys, layer.values
-                    keys.append(k.new_zeros((len(rows), k.shape[1], p_all, k.shape[-1])))
-                    values.append(v.new_zeros((len(rows), v.shape[1], p_all, v.shape[-1])))
-            # (row, position) pairs of this group's prefixes: source (batch row, position) and
-            # destination (row, right-aligned position); the same for the outputs from lookup on
-            src_b, src_p, dst_r, dst_p, out_b, out_p, out_r, out_t = [], [], [], [], [], [], [], []
-            for b, i in enumerate(group):
-                p, n = rows[i].lookup, len(rows[i].ids)
-                src_b += [b] * p
-                src_p += range(p)
-                dst_r += [i] * p
-                dst_p += range(p_all - p, p_all)
-                out_b += [b] * (n - p)
-                out_p += range(p, n)
-                out_r += [i] * (n - p)
-                out_t += range(n - p)
-            on_device: dict = {}  # the index tensors, once per device the layers sit on
-            for l, layer in enumerate(layers):
-                if keys[l] is None or not src_b:
-                    continue
-                dev = layer.keys.device
-                if dev not in on_device:
-                    on_device[dev] = [torch.tensor(x, device=dev) for x in (src_b, src_p, dst_r, dst_p)]
-                sb, sp, dr, dp = on_device[dev]
-                keys[l][dr, :, dp] = layer.keys[sb, :, sp]
-                values[l][dr, :, dp] = layer.values[sb, :, sp]
-            if replay:
-                block_out = store[f"out:{block_name}"]
-                dev = block_out.device
-                if out is None:
-                    out = block_out.new_zeros((len(rows), s_all, block_out.shape[-1]))
-                out[torch.tensor(out_r, device=dev), torch.tensor(out_t, device=dev)] = block_out[
-                    torch.tensor(out_b, device=dev), torch.tensor(out_p, device=dev)]
-        return cls(keys, values, out, p_all)
-
-    def fill_chunk(self, chunk: _Chunk, index: list[int], all_rows: list[Row], pad_id: int, device,
-                   replay: bool) -> None:
-        """Turn ``chunk`` (rows ``index`` of ``all_rows``) into a step over the tokens from the
-        edited token on: inputs, positions, a mask over [cached prefix | step tokens] with each
-        row's prefix right-aligned against its first step token, which prefix rows to gather
-        for its cache (see :meth:`cache_data`) and (replay) the edited block's output."""
-        rows = [all_rows[i] for i in index]
-        p_max = max(r.lookup for r in rows)
-        s_max = max(len(r.ids) - r.lookup for r in rows)
-        n = len(rows)
-        ids = torch.full((n, s_max), pad_id, dtype=torch.long)
-        pos = torch.zeros((n, s_max), dtype=torch.long)
-        mask = torch.zeros((n, p_max + s_max), dtype=torch.long)
-        for k, r in enumerate(rows):
-            p, s = r.lookup, len(r.ids) - r.lookup
-            ids[k, :s] = torch.tensor(r.ids[p:], dtype=torch.long)
-            pos[k, :s] = torch.arange(p, p + s)
-            mask[k, p_max - p: p_max + s] = 1
-        chunk.batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
-        if replay:
-            chunk.cached = self.out.index_select(0, torch.tensor(index, device=self.out.device))[:, :s_max]
-        if p_max > 0:  # else every row edits its first token: nothing before it to cache
-            chunk.kv = (self, index, p_max)
-
-    def cache_data(self, index: list[int], p_max: int) -> list[tuple]:
-        """Per layer (keys, values) of rows ``index``, the last ``p_max`` prefix positions (or
-        (None, None) for layers a step does not run): the data of a fresh cache for one step."""
-        data = []
-        on_device: dict = {}
-        for k, v in zip(self.keys, self.values):
-            if k is None:
-                data.append((None, None))
-                continue
-            if k.device not in on_device:
-                on_device[k.device] = torch.tensor(index, device=k.device)
-            idx = on_device[k.device]
-            data.append((k.index_select(0, idx)[:, :, self.prefix_len - p_max:],
-                         v.index_select(0, idx)[:, :, self.prefix_len - p_max:]))
-        return data
-
-
-def _budget_groups(items, width, max_tokens: int) -> list[list]:
-    """``items`` sorted by ``width(item)`` and cut into consecutive groups whose padded size
-    (widest item x group size) stays within ``max_tokens`` (a wider item gets a group alone)."""
-    groups, cur = [], []
-    for item in sorted(items, key=width):
-        if cur and width(item) * (len(cur) + 1) > max_tokens:  # sorted: this item is the widest
-            groups.append(cur)
-            cur = []
-        cur.append(item)
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def _cache_kwarg(model) -> str:
-    """Name of the key/value-cache argument of the decoder's forward: ``cache`` in recent
-    transformers, ``past_key_values`` before (still accepted there, with a deprecation warning)."""
-    params = inspect.signature(model.base_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _maybe_replay(model, lower_blocks, block_name, cached):
