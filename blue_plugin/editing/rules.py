@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..hparams import BLUEHyperParams
+from ..hparams import BASE_METHODS, BLUEHyperParams
 
 
 def memit_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float, KpKp: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -208,7 +208,10 @@ class AlphaEditRule(UpdateRule):
         return alphaedit_delta(x.K, x.R, x.P, hp.L2, x.KpKp)
 
 
+#: The rule of each base method, in the order of :data:`blue_plugin.hparams.BASE_METHODS`.
 RULES: dict[str, UpdateRule] = {r.name: r for r in (MemitRule(), RectRule(), PruneRule(), AlphaEditRule())}
+if tuple(RULES) != BASE_METHODS:  # pragma: no cover - hparams and this module must list the same methods
+    raise ImportError(f"update rules {tuple(RULES)} do not match hparams.BASE_METHODS {BASE_METHODS}")
 
 
 def get_rule(name: str) -> UpdateRule:
