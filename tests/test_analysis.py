@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from blue_plugin.editing import editor as engine
 from blue_plugin.research import analysis as A
 from blue_plugin import apply_blue_to_model, get_state
 from blue_plugin.research import tracing as T
@@ -138,13 +139,13 @@ def hand_add(model, hp, layer: int, delta: torch.Tensor) -> None:
 
 def spy_targets(monkeypatch) -> list:
     calls = []
-    original = A.compute_targets
+    original = engine.compute_targets
 
     def spy(model, tok, block_name, *args, **kwargs):
         res = original(model, tok, block_name, *args, **kwargs)
         calls.append((block_name, res))
         return res
-    monkeypatch.setattr(A, "compute_targets", spy)
+    monkeypatch.setattr(engine, "compute_targets", spy)
     return calls
 
 
@@ -526,7 +527,7 @@ def test_cli_writes_json_plots_and_resumes(tmp_path, monkeypatch):
     assert cos["2"] == pytest.approx(1.0)
     calls = []
     original = cli.run_analysis
-    monkeypatch.setattr(cli, "run_analysis", lambda name, ctx: calls.append(name) or original(name, ctx))
+    monkeypatch.setattr("benchmarks.analysis.cli.run_analysis", lambda name, ctx: calls.append(name) or original(name, ctx))
     assert cli.main(argv) == 0
     assert calls == []  # everything reused
     argv[argv.index("--trace-samples") + 1] = "1"

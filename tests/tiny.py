@@ -136,7 +136,7 @@ def inject_prefixes(model, hp: BLUEHyperParams, prefixes: Sequence[str] = PREFIX
 
 def c0_key(model, tok, hp: BLUEHyperParams, layer: int) -> tuple:
     """The state key under which the engine looks up C0 of ``layer``."""
-    return Editor(model, tok, hp, state=get_state(model))._c0_key(layer)
+    return Editor(model, tok, hp, state=get_state(model)).c0_key(layer)
 
 
 def inject_c0(model, tok, hp: BLUEHyperParams, c0: dict[int, torch.Tensor], state=None) -> None:
@@ -144,7 +144,7 @@ def inject_c0(model, tok, hp: BLUEHyperParams, c0: dict[int, torch.Tensor], stat
     state = state if state is not None else get_state(model)
     editor = Editor(model, tok, hp, state=state)
     for layer, C in c0.items():
-        state.second_moments[editor._c0_key(layer)] = C.to(torch.float64)
+        state.second_moments[editor.c0_key(layer)] = C.to(torch.float64)
 
 
 def d_in(model, hp: BLUEHyperParams, layer: int) -> int:

@@ -7,58 +7,60 @@ BLUE (``blue: true``): for l in (l_1, l_m), in that order, compute z_l at layer 
 (already partly edited) model, R_l = z_l - h_l(current), full residual, update W_l.
 
 A batch is all-or-nothing: the new weights are checked before they are written, and any error
-restores the edited matrices bit-for-bit and leaves the sequential state untouched.
+restores the edited matrices bit-for-bit and leaves the sequential state untouched
+(:class:`~blue_plugin.editing.batch.PendingBatch`).
 
 Whole-batch and whole-sequence rules (:mod:`blue_plugin.editing.rules`): RECT masks each layer's update
 when the batch is written; PRUNE runs the sequence unrestrained (kept in the state) and serves
 ``W_orig + restrain(W - W_orig)`` after every call (:meth:`Editor.finalize` is implicit).
+
+The steps of a batch are public probes of :class:`Editor` -- :meth:`~Editor.targets_at`,
+:meth:`~Editor.keys_at`, :meth:`~Editor.layer_update`, :meth:`~Editor.add_update`,
+:meth:`~Editor.restore` / :meth:`~Editor.weights_restored` -- which dynamic layer selection and the
+research analyses call on the model as it is.
 """
 from __future__ import annotations
 
 import copy as copy_module
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ..model.layout import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
-from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from ..errors import BLUEConfigError, BLUEEditError
-from ..model.hooks import frozen
 from ..hparams import BLUEHyperParams
+from ..model.hooks import frozen
+from ..model.layout import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
+from ..model.loading import default_cache_dir
+from ..stats.moments import get_second_moments
+from .batch import PendingBatch
+from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from .keys import keys_and_outputs
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule, null_space_projector
-from .state import EditState, check_finite_parameters, fingerprint, get_state, serve_restrained
+from .selection import choose_boundary_layers, window_layers
+from .state import EditState, check_finite_parameters, get_state
 from .targets import TargetResult, compute_targets
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class _Pending:
-    """Changes of one batch, applied to the state only once the whole batch has succeeded."""
-
-    kkt: dict[int, torch.Tensor]
-    originals: dict[int, torch.Tensor]  # stored weights before the batch of every layer it may write
-    layer_init: dict[int, dict[str, Any]]  # first-edit facts of a layer (fingerprint, PRUNE original)
-    dense: dict[int, torch.Tensor] = field(default_factory=dict)  # the batch's dense update (RECT 'batch')
-    unrestrained: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # PRUNE 'sequence'
+SOLVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 class Editor:
-    """Applies batches of edits to one model with one set of hyperparameters."""
+    """Applies batches of edits to one model with one set of hyperparameters (a
+    :class:`BLUEHyperParams`, a dict of its keys or a YAML path; see :meth:`BLUEHyperParams.coerce`).
+    ``state``: the sequential state (default: the model's :func:`get_state`)."""
 
     def __init__(self, model, tok, hparams: BLUEHyperParams, state: Optional[EditState] = None):
+        hparams = BLUEHyperParams.coerce(hparams)
         self.model, self.tok, self.hp = model, tok, hparams
         self.layout: ModelLayout = resolve_layout(model, hparams)
         self.rule = get_rule(hparams.base_method)
         self.state = state if state is not None else get_state(model)
-        self.solve_dtype = _DTYPES[hparams.solve_dtype]
+        self.solve_dtype = SOLVE_DTYPES[hparams.solve_dtype]
         if tok.pad_token_id is None and tok.eos_token_id is None:
             raise BLUEConfigError("the tokenizer has neither a pad nor an eos token; set tok.pad_token.")
 
@@ -74,6 +76,38 @@ class Editor:
         """(d_out, d_in) view of the stored weight."""
         return as_out_in(self.module(layer), self.weight(layer))
 
+    def write(self, layer: int, W_new: torch.Tensor) -> None:
+        """Write ``W_new`` (d_out, d_in) into the stored weight of ``layer`` (shape and finiteness
+        checked first: :class:`~blue_plugin.errors.BLUEEditError`, nothing written)."""
+        module, stored = self.module(layer), self.weight(layer)
+        if W_new.shape != (shape := as_out_in(module, stored).shape):
+            raise BLUEEditError(f"layer {layer}: update has shape {tuple(W_new.shape)}, expected {tuple(shape)}.")
+        new_stored = from_out_in(module, W_new).to(stored.dtype)
+        if not torch.isfinite(new_stored).all():
+            raise BLUEEditError(f"layer {layer}: the update is not finite (check mom2_update_weight / L2 and the statistics); nothing was changed.")
+        with torch.no_grad():
+            stored.copy_(new_stored)
+
+    def add_update(self, layer: int, delta: torch.Tensor) -> None:
+        """Add ``delta`` (d_out, d_in, e.g. from :meth:`layer_update`) to the stored weight of
+        ``layer``, in ``delta``'s dtype, written back in the stored dtype."""
+        self.write(layer, self.W(layer).to(delta.dtype) + delta.to(self.weight(layer).device))
+
+    def restore(self, originals: dict[int, torch.Tensor]) -> None:
+        """Copy ``originals`` ({layer: stored weight}) back into the rewrite weights, bit for bit."""
+        with torch.no_grad():
+            for layer, W in originals.items():
+                self.weight(layer).copy_(W)
+
+    @contextmanager
+    def weights_restored(self, layers: Sequence[int]) -> Iterator[None]:
+        """Restore the rewrite weights of ``layers`` bit-for-bit on exit (also on errors)."""
+        saved = {l: self.weight(l).detach().clone() for l in dict.fromkeys(layers)}
+        try:
+            yield
+        finally:
+            self.restore(saved)
+
     # ---- cached, model-constant inputs ------------------------------------------------------
     def prefixes(self) -> ContextPrefixes:
         """The context prefixes with their groups (generated once, cached in the state; a plain
@@ -86,26 +120,24 @@ class Editor:
         self.state.prefixes[key] = with_groups(cached, params)
         return self.state.prefixes[key]
 
-    def _c0_key(self, layer: int) -> tuple:
+    def c0_key(self, layer: int) -> tuple:
+        """Key of ``layer``'s C0 in ``state.second_moments`` (layer and the statistics settings)."""
         hp = self.hp
         return (layer, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_dtype, hp.mom2_adjustment)
 
-    def ensure_second_moments(self, layers: Sequence[int], progress: bool = True) -> None:
+    def ensure_second_moments(self, layers: Sequence[int], progress: bool = True) -> list[int]:
         """Load (or compute, in one pass, with a progress bar unless ``progress=False``) C0 for
-        ``layers`` into the state."""
-        missing = [l for l in layers if self._c0_key(l) not in self.state.second_moments]
+        ``layers`` into the state. Returns the layers whose C0 was not in the state yet."""
+        missing = [l for l in layers if self.c0_key(l) not in self.state.second_moments]
         if not missing:
-            return
+            return missing
         if not self.hp.mom2_adjustment:
             for l in missing:
                 d_in = self.W(l).shape[1]
-                self.state.second_moments[self._c0_key(l)] = torch.eye(d_in, dtype=self.solve_dtype, device=self.weight(l).device)
-            return
+                self.state.second_moments[self.c0_key(l)] = torch.eye(d_in, dtype=self.solve_dtype, device=self.weight(l).device)
+            return missing
         if any(ls.post_fp is not None for ls in self.state.layers.values()):
             logger.warning("loading key statistics after edits were made: if they are not cached yet they are computed on the edited model")
-        from ..stats.moments import get_second_moments
-        from ..model.loading import default_cache_dir
-
         names = {l: self.layout.rewrite(l) for l in missing}
         cache_dir = self.hp.stats_dir if self.hp.stats_dir is not None else default_cache_dir() / "stats"
         model_id = getattr(self.model.config, "_name_or_path", None) or self.hp.model_name
@@ -123,13 +155,14 @@ class Editor:
         )
         for l, name in names.items():
             C0 = moments[name].to(device=self.weight(l).device, dtype=self.solve_dtype)
-            self.state.second_moments[self._c0_key(l)] = C0
+            self.state.second_moments[self.c0_key(l)] = C0
+        return missing
 
     def C0(self, layer: int) -> torch.Tensor:
-        return self.state.second_moments[self._c0_key(layer)]
+        return self.state.second_moments[self.c0_key(layer)]
 
     def projector(self, layer: int) -> torch.Tensor:
-        key = self._c0_key(layer) + (self.hp.nullspace_threshold,)
+        key = self.c0_key(layer) + (self.hp.nullspace_threshold,)
         if key not in self.state.projectors:
             P, rank = null_space_projector(self.C0(layer), self.hp.nullspace_threshold)
             d = P.shape[0]
@@ -138,6 +171,77 @@ class Editor:
                 logger.warning("layer %d: the null space is empty at threshold %g; AlphaEdit cannot change this layer", layer, self.hp.nullspace_threshold)
             self.state.projectors[key] = (P, rank)
         return self.state.projectors[key][0]
+
+    # ---- probes: the steps of a batch on the model as it is -----------------------------------
+    def targets_at(self, reqs: Sequence[EditRequest], prefixes: Sequence[str], layer: int,
+                   info: Optional[dict] = None) -> TargetResult:
+        """Targets ``z`` (n, d_model) at block ``layer`` on the current model, as a batch computes
+        them (call inside :func:`blue_plugin.model.hooks.frozen`). ``info``, if given, receives
+        ``rows`` / ``tokens`` (the optimisation's rows and their unpadded tokens), ``steps``
+        and ``requests``."""
+        rows = target_rows(self.tok, reqs, prefixes, self.hp.fact_token)
+        lower = [self.layout.block(i) for i in range(layer)] if self.hp.v_replay_lower_layers else ()
+        res = compute_targets(self.model, self.tok, self.layout.block(layer), rows, len(reqs), len(prefixes), self.hp, lower)
+        if info is not None:
+            info.update(rows=len(rows), tokens=sum(len(r.ids) for r in rows), steps=list(res.steps), requests=len(reqs))
+        return res
+
+    def keys_at(self, reqs: Sequence[EditRequest], prefixes: Sequence[str], key_layers: Sequence[int],
+                out_layers: Sequence[int] = (), info: Optional[dict] = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Keys (n, d_in) at ``key_layers`` and block outputs h (n, d_model) at ``out_layers``
+        (:func:`~blue_plugin.editing.keys.keys_and_outputs`). ``info``, if given, receives
+        ``rows`` / ``tokens`` of the forward pass and ``requests``."""
+        rows = key_rows(self.tok, reqs, prefixes, self.hp.fact_token)
+        out = keys_and_outputs(self.model, self.tok, self.layout, rows, len(reqs), prefixes, key_layers, out_layers)
+        if info is not None:
+            info.update(rows=len(rows), tokens=sum(len(r.ids) for r in rows), requests=len(reqs))
+        return out
+
+    def layer_update(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """The change ``W_new - W`` (d_out, d_in; solve dtype, on the weight's device) that the
+        rule makes to ``layer`` for keys ``K`` (n, d_in) and residuals ``R`` (n, d_out), with the
+        state's ``C0``, accumulated ``K_p K_p^T`` (if the rule uses it), AlphaEdit projector and
+        PRUNE original (the current weight before a layer's first edit): the update the layers
+        after it see during the walk (RECT with ``rect_mask_timing: batch`` masks it only when
+        the batch is written, PRUNE with ``prune_timing: sequence`` restrains only the served
+        weights). Nothing is written. ``C0`` must be loaded (:meth:`ensure_second_moments`)."""
+        x, W_new, _ = self._solve(layer, K, R, PendingBatch(originals={layer: self.weight(layer).detach()}))
+        return W_new - x.W
+
+    @torch.no_grad()
+    def _solve(self, layer: int, K: torch.Tensor, R: torch.Tensor, pending: PendingBatch) -> tuple[LayerInputs, torch.Tensor, Optional[dict]]:
+        """The rule's inputs, new weight (d_out, d_in; solve dtype) and what it records (or None)."""
+        module, stored = self.module(layer), self.weight(layer)
+        dev, sd = stored.device, self.solve_dtype
+        W = as_out_in(module, stored).to(sd)
+        if K.shape[0] != R.shape[0] or K.shape[1] != W.shape[1] or R.shape[1] != W.shape[0]:
+            raise BLUEEditError(f"layer {layer}: keys {tuple(K.shape)} / residuals {tuple(R.shape)} do not fit the weight {tuple(W.shape)} (d_out, d_in).")
+        if not (torch.isfinite(K).all() and torch.isfinite(R).all()):
+            raise BLUEEditError(f"layer {layer}: non-finite keys or residuals; the model may already contain NaN/inf weights.")
+        rule, hp = self.rule, self.hp
+        ls = self.state.layers.get(layer)
+        W_orig, sigma_max = pending.original(self.state, module, layer, sd) if rule.needs_original else (None, None)
+        x = LayerInputs(
+            W=W,
+            K=K.T.to(dev, sd),
+            R=R.T.to(dev, sd),
+            C0=self.C0(layer),
+            KpKp=ls.kpkp if ls is not None and rule.uses_kpkp(hp) else None,
+            P=self.projector(layer) if rule.needs_projector else None,
+            W_orig=W_orig,
+            sigma_max=sigma_max,
+        )
+        try:
+            delta = rule.delta(x, hp)
+            if not torch.isfinite(delta).all():
+                raise BLUEEditError(
+                    f"layer {layer}: the {hp.base_method} update is not finite (check mom2_update_weight / L2 "
+                    "and the statistics); nothing was changed."
+                )
+            W_new, info = rule.finalize_with_info(W + delta, x, hp)
+        except torch.linalg.LinAlgError as exc:
+            raise BLUEEditError(f"layer {layer}: the {hp.base_method} solve failed ({exc}); nothing was changed.") from exc
+        return x, W_new, info
 
     # ---- one batch ----------------------------------------------------------------------------
     def edit_layers(self) -> list[int]:
@@ -149,12 +253,7 @@ class Editor:
         check_finite_parameters(self.model)
         self.state.sync_with_weights(self.weight)  # stored orientation, as the fingerprints were taken
         dynamic = self.hp.blue and self.hp.layer_selection == "dynamic"
-        if dynamic:
-            from .selection import choose_boundary_layers, window_layers
-
-            candidates = window_layers(self.hp)
-        else:
-            candidates = self.edit_layers()
+        candidates = window_layers(self.hp) if dynamic else self.edit_layers()
         offloaded = [l for l in candidates if self.weight(l).is_meta]
         if offloaded:
             raise BLUEConfigError(
@@ -165,7 +264,7 @@ class Editor:
         prefixes = self.prefixes()
         check_rows_fit(self.tok, reqs, prefixes, self.hp.fact_token, position_limit(self.model))
         resumed = self.state.unrestrained_layers() if self.rule.restrains_sequence(self.hp) else []
-        pending = _Pending(kkt={}, originals={l: self.weight(l).detach().clone() for l in resumed}, layer_init={})
+        pending = PendingBatch(originals={l: self.weight(l).detach().clone() for l in resumed})
         record: dict[str, Any] = {
             "n_requests": len(reqs),
             "case_ids": [r.case_id for r in reqs],
@@ -178,7 +277,7 @@ class Editor:
             "time": {"targets": 0.0, "keys": 0.0, "update": 0.0},
         }
         try:
-            self._restore({l: self.state.layers[l].W_unrestrained for l in resumed})  # PRUNE: continue unrestrained
+            self.restore({l: self.state.layers[l].W_unrestrained for l in resumed})  # PRUNE: continue unrestrained
             layers = candidates
             if dynamic:
                 sel = record["layer_selection"] = {}
@@ -191,11 +290,11 @@ class Editor:
                     self._run_blue(reqs, prefixes, layers, pending, record)
                 else:
                     self._run_original(reqs, prefixes, layers, pending, record)
-            self._write_batch(layers, pending, record)
+            pending.write(self, layers, record)
         except BaseException:
-            self._restore(pending.originals)
+            self.restore(pending.originals)
             raise
-        self._commit(pending, len(reqs))
+        pending.commit(self.state, self.weight, self.rule.restrains_sequence(self.hp), len(reqs))
         record["time"]["total"] = time.perf_counter() - t_start
         self.state.history.append(record)
         logger.info(
@@ -209,9 +308,7 @@ class Editor:
 
     def _targets(self, reqs: list[EditRequest], prefixes: list[str], layer: int, record: dict) -> TargetResult:
         t0 = time.perf_counter()
-        rows = target_rows(self.tok, reqs, prefixes, self.hp.fact_token)
-        lower = [self.layout.block(i) for i in range(layer)] if self.hp.v_replay_lower_layers else ()
-        res = compute_targets(self.model, self.tok, self.layout.block(layer), rows, len(reqs), len(prefixes), self.hp, lower)
+        res = self.targets_at(reqs, prefixes, layer)
         record["time"]["targets"] += time.perf_counter() - t0
         record["steps"][layer] = res.steps
         record["nll"][layer] = res.nll
@@ -219,8 +316,7 @@ class Editor:
 
     def _keys(self, reqs, prefixes, key_layer: int, out_layer: int, record: dict):
         t0 = time.perf_counter()
-        rows = key_rows(self.tok, reqs, prefixes, self.hp.fact_token)
-        keys, outs = keys_and_outputs(self.model, self.tok, self.layout, rows, len(reqs), prefixes, [key_layer], [out_layer])
+        keys, outs = self.keys_at(reqs, prefixes, [key_layer], [out_layer])
         record["time"]["keys"] += time.perf_counter() - t0
         return keys[key_layer], outs[out_layer]
 
@@ -239,94 +335,18 @@ class Editor:
             R = (target.z.to(h.device) - h) / (len(layers) - i)
             self._update(layer, K, R, pending, record)
 
-    def _update(self, layer: int, K: torch.Tensor, R: torch.Tensor, pending: _Pending, record: dict) -> None:
+    def _update(self, layer: int, K: torch.Tensor, R: torch.Tensor, pending: PendingBatch, record: dict) -> None:
         """K: (n, d_in), R: (n, d_out). Computes and writes the new weight of ``layer``."""
         t0 = time.perf_counter()
-        module, stored = self.module(layer), self.weight(layer)
-        dev, sd = stored.device, self.solve_dtype
-        W = as_out_in(module, stored).to(sd)
-        if K.shape[1] != W.shape[1] or R.shape[1] != W.shape[0]:
-            raise BLUEEditError(f"layer {layer}: keys {tuple(K.shape)} / residuals {tuple(R.shape)} do not fit the weight {tuple(W.shape)} (d_out, d_in).")
-        if not (torch.isfinite(K).all() and torch.isfinite(R).all()):
-            raise BLUEEditError(f"layer {layer}: non-finite keys or residuals; the model may already contain NaN/inf weights.")
-        Kt, Rt = K.T.to(dev, sd), R.T.to(dev, sd)
-        ls = self.state.layers.get(layer)
-        init = pending.layer_init.setdefault(layer, {})
-        if (ls is None or ls.orig_fp is None) and "orig_fp" not in init:
-            init["orig_fp"] = fingerprint(pending.originals[layer])
-        W_orig, sigma_max = self._original(layer, pending) if self.rule.needs_original else (None, None)
-        x = LayerInputs(
-            W=W,
-            K=Kt,
-            R=Rt,
-            C0=self.C0(layer),
-            KpKp=ls.kpkp if ls is not None and self.rule.uses_kpkp(self.hp) else None,
-            P=self.projector(layer) if self.rule.needs_projector else None,
-            W_orig=W_orig,
-            sigma_max=sigma_max,
-        )
-        try:
-            delta = self.rule.delta(x, self.hp)
-            if not torch.isfinite(delta).all():
-                raise BLUEEditError(
-                    f"layer {layer}: the {self.hp.base_method} update is not finite (check mom2_update_weight / L2 "
-                    "and the statistics); nothing was changed."
-                )
-            W_new, info = self.rule.finalize_with_info(W + delta, x, self.hp)
-            if info is not None:  # PRUNE per batch: the accumulated change against its bound
-                record.setdefault("change_sigma", {})[layer] = info
-        except torch.linalg.LinAlgError as exc:
-            raise BLUEEditError(f"layer {layer}: the {self.hp.base_method} solve failed ({exc}); nothing was changed.") from exc
-        self._write(layer, W_new)
-        if self.rule.adjusts_batch(self.hp):
-            pending.dense[layer] = pending.dense.get(layer, 0) + (W_new - W)
-        pending.kkt[layer] = pending.kkt.get(layer, 0) + Kt @ Kt.T
+        pending.note_first_edit(self.state, layer)
+        x, W_new, extra = self._solve(layer, K, R, pending)
+        if extra is not None:  # PRUNE per batch: the accumulated change against its bound
+            record.setdefault("change_sigma", {})[layer] = extra
+        self.write(layer, W_new)
+        pending.add(layer, x.W, W_new, x.K, self.rule.adjusts_batch(self.hp))
         record["residual_norm"][layer] = R.norm(dim=1).tolist()
-        record.setdefault("delta_norm", {})[layer] = float((W_new - W).norm())
+        record.setdefault("delta_norm", {})[layer] = float((W_new - x.W).norm())
         record["time"]["update"] += time.perf_counter() - t0
-
-    def _original(self, layer: int, pending: _Pending) -> tuple[torch.Tensor, float]:
-        """PRUNE's W_orig (d_out, d_in; solve dtype) and sigma_max (state, or this first batch)."""
-        ls = self.state.layers.get(layer)
-        if ls is not None and ls.W_orig is not None:
-            return ls.W_orig, ls.sigma_max
-        init = pending.layer_init.setdefault(layer, {})
-        if "W_orig" not in init:
-            init["W_orig"] = as_out_in(self.module(layer), pending.originals[layer].to(self.solve_dtype))
-            init["sigma_max"] = float(torch.linalg.matrix_norm(init["W_orig"], ord=2))
-        return init["W_orig"], init["sigma_max"]
-
-    def _write(self, layer: int, W_new: torch.Tensor) -> None:
-        """Write ``W_new`` (d_out, d_in) into the stored weight of ``layer`` (checked first)."""
-        module, stored = self.module(layer), self.weight(layer)
-        if W_new.shape != (shape := as_out_in(module, stored).shape):
-            raise BLUEEditError(f"layer {layer}: update has shape {tuple(W_new.shape)}, expected {tuple(shape)}.")
-        new_stored = from_out_in(module, W_new).to(stored.dtype)
-        if not torch.isfinite(new_stored).all():
-            raise BLUEEditError(f"layer {layer}: the update is not finite (check mom2_update_weight / L2 and the statistics); nothing was changed.")
-        with torch.no_grad():
-            stored.copy_(new_stored)
-
-    # ---- whole-batch and whole-sequence rules (RECT 'batch', PRUNE 'sequence') ----------------
-    def _write_batch(self, layers: Sequence[int], pending: _Pending, record: dict) -> None:
-        """After the walk: RECT's masked updates; PRUNE's served weights (unrestrained ones kept)."""
-        if self.rule.adjusts_batch(self.hp):
-            for l in layers:
-                W_before = as_out_in(self.module(l), pending.originals[l]).to(self.solve_dtype)
-                D = self.rule.batch_update(pending.dense[l], W_before, self.hp)
-                self._write(l, W_before + D)
-                record["delta_norm"][l] = float(D.norm())
-                record.setdefault("kept_fraction", {})[l] = float((D != 0).sum()) / D.numel()
-        if self.rule.restrains_sequence(self.hp):
-            for l in sorted(pending.originals):
-                if l not in layers:  # resumed, not edited by this batch: served weight and state stay
-                    with torch.no_grad():
-                        self.weight(l).copy_(pending.originals[l])
-                    continue
-                unrestrained = self.weight(l).detach().clone()
-                info = serve_restrained(self.module(l), unrestrained, *self._original(l, pending), self.solve_dtype)
-                record.setdefault("change_sigma", {})[l] = info
-                pending.unrestrained[l] = unrestrained if info["above"] else None
 
     def finalize(self) -> dict[int, dict]:
         """Serve ``W_orig + restrain(W - W_orig)`` for a PRUNE sequence (``prune_timing: sequence``;
@@ -335,40 +355,6 @@ class Editor:
         if not self.rule.restrains_sequence(self.hp):
             return {}
         return self.state.finalize(self.module, self.solve_dtype)
-
-    def _restore(self, originals: dict[int, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for layer, W in originals.items():
-                self.weight(layer).copy_(W)
-
-    def _commit(self, pending: _Pending, n: int) -> None:
-        for layer, init in pending.layer_init.items():
-            ls = self.state.layer(layer)
-            for key, value in init.items():
-                if getattr(ls, key) is None:
-                    setattr(ls, key, value)
-        for layer, kkt in pending.kkt.items():
-            ls = self.state.layer(layer)
-            ls.kpkp = kkt.clone() if ls.kpkp is None else ls.kpkp + kkt
-        if not self.rule.restrains_sequence(self.hp):  # another method goes on from the served weights
-            for ls in self.state.layers.values():
-                ls.W_unrestrained = None
-        for layer, W in pending.unrestrained.items():
-            self.state.layer(layer).W_unrestrained = W
-        for layer in pending.originals:
-            self.state.layer(layer).post_fp = fingerprint(self.weight(layer))
-        self.state.n_edits += n
-
-
-def _coerce_hparams(hparams: Any) -> BLUEHyperParams:
-    if isinstance(hparams, BLUEHyperParams):
-        return hparams
-    if isinstance(hparams, dict):
-        return BLUEHyperParams.from_dict(hparams)
-    raise BLUEConfigError(
-        f"hparams must be a BLUEHyperParams (or a dict of its keys), got {type(hparams).__name__}; "
-        "load one with BLUEHyperParams.from_hparams('hparams/BLUE/....yaml')."
-    )
 
 
 def apply_blue_to_model(
@@ -392,7 +378,7 @@ def apply_blue_to_model(
     unless ``state`` is given. ``keep_original_weight`` and other EasyEdit keyword arguments are
     accepted and have no effect (the editor restores weights from ``weights_copy``).
     """
-    hp = _coerce_hparams(hparams)
+    hp = BLUEHyperParams.coerce(hparams)
     if copy:
         model = copy_module.deepcopy(model)
     editor = Editor(model, tok, hp, state)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
+from ..hparams import DYNAMIC_CRITERIA, BLUEHyperParams
 from ..model.hooks import frozen
-from ..hparams import BLUEHyperParams
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("residual_norm", "steps", "update_norm")
+#: The criteria (``dynamic_criterion``), as :data:`blue_plugin.hparams.DYNAMIC_CRITERIA` lists them.
+CRITERIA = DYNAMIC_CRITERIA
 
 
 def boundary_candidates(hp: BLUEHyperParams) -> tuple[list[int], list[int]]:
@@ -49,27 +50,27 @@ def window_layers(hp: BLUEHyperParams) -> list[int]:
 
 
 def _evaluate(editor, reqs, prefixes, layer: int, criterion: str) -> dict[str, Any]:
-    from ..research.analysis import keys_at, layer_update, targets_at
-
-    t = targets_at(editor, reqs, prefixes, layer)
-    keys, outs = keys_at(editor, reqs, prefixes, [layer], [layer])
+    t = editor.targets_at(reqs, prefixes, layer)
+    keys, outs = editor.keys_at(reqs, prefixes, [layer], [layer])
     h = outs[layer]
     R = t.z.to(h.device) - h
     rel = float((R.norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)).mean())
     rec: dict[str, Any] = {"relative_residual": rel, "mean_steps": sum(t.steps) / len(t.steps), "K": keys[layer], "R": R}
     if criterion == "update_norm":
-        delta = layer_update(editor, layer, keys[layer], R)
+        delta = editor.layer_update(layer, keys[layer], R)
         rec["delta"] = delta
         rec["relative_update"] = float(delta.norm() / editor.W(layer).to(delta.dtype).norm().clamp_min(1e-30))
     return rec
 
 
-def _score(rec: dict[str, Any], criterion: str) -> tuple:
-    if criterion == "steps":
-        return (rec["mean_steps"], rec["relative_residual"])
-    if criterion == "update_norm":
-        return (rec["relative_update"],)
-    return (rec["relative_residual"],)
+#: Score of a candidate per criterion (lower is better).
+SCORES = {
+    "residual_norm": lambda rec: (rec["relative_residual"],),
+    "steps": lambda rec: (rec["mean_steps"], rec["relative_residual"]),
+    "update_norm": lambda rec: (rec["relative_update"],),
+}
+if set(SCORES) != set(CRITERIA):  # pragma: no cover - hparams and this module must list the same criteria
+    raise ImportError(f"dynamic selection scores {sorted(SCORES)} but hparams lists {sorted(CRITERIA)}")
 
 
 def _pick(editor, reqs, prefixes, candidates: Sequence[int], criterion: str, log: dict, prefer_high: bool) -> tuple[int, Optional[dict]]:
@@ -78,7 +79,7 @@ def _pick(editor, reqs, prefixes, candidates: Sequence[int], criterion: str, log
     if len(candidates) == 1:
         return candidates[0], None
     recs = {c: _evaluate(editor, reqs, prefixes, c, criterion) for c in candidates}
-    best = min(candidates, key=lambda c: _score(recs[c], criterion) + (-c if prefer_high else c,))
+    best = min(candidates, key=lambda c: SCORES[criterion](recs[c]) + (-c if prefer_high else c,))
     for c, rec in recs.items():
         log[c] = {k: v for k, v in rec.items() if k in ("relative_residual", "mean_steps", "relative_update")}
     return best, recs[best]
@@ -95,8 +96,6 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
     Returns ``(first, last)`` with ``first < last`` (equal only when ``hp.layers`` has one layer).
     With ``dynamic_window = 0`` it returns ``(layers[0], layers[-1])`` without any computation.
     """
-    from ..research.analysis import add_update, layer_update, weights_restored
-
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
     if not reqs:
@@ -109,7 +108,7 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
     else:
         needs_c0 = window_layers(hp) if criterion == "update_norm" else firsts
         editor.ensure_second_moments(needs_c0)
-        with frozen(editor.model), weights_restored(editor, firsts):
+        with frozen(editor.model), editor.weights_restored(firsts):
             first, rec = _pick(editor, reqs, prefixes, firsts, criterion, log["first"], prefer_high=False)
             remaining = [l for l in lasts if l > first]
             if len(remaining) > 1:
@@ -118,8 +117,8 @@ def choose_boundary_layers(editor, reqs, prefixes: Sequence[str], *, criterion: 
                     rec = _evaluate(editor, reqs, prefixes, first, "residual_norm")
                 delta = rec.get("delta")
                 if delta is None:
-                    delta = layer_update(editor, first, rec["K"], rec["R"])
-                add_update(editor, first, delta)
+                    delta = editor.layer_update(first, rec["K"], rec["R"])
+                editor.add_update(first, delta)
             last, _ = _pick(editor, reqs, prefixes, remaining, criterion, log["last"], prefer_high=True)
         chosen = (first, last)
     log["chosen"] = list(chosen)

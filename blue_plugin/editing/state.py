@@ -182,6 +182,13 @@ class EditState:
             n_edits=self.n_edits,
         )
 
+    def scratch(self) -> "EditState":
+        """A :meth:`snapshot` that shares this state's model-constant caches (C0, projectors,
+        prefixes): for edits that must not touch this state but need not recompute them."""
+        s = self.snapshot()
+        s.second_moments, s.projectors, s.prefixes = self.second_moments, self.projectors, self.prefixes
+        return s
+
     def restore(self, snapshot: "EditState") -> None:
         """Make the edit part equal to ``snapshot`` (taken with :meth:`snapshot`). The caches
         are kept; the ``history`` list object keeps its identity."""

@@ -176,8 +176,6 @@ def causal_trace(
     "p_corrupt": [n], "answers": [token strings], "known": [bool or None],
     "suggested_layers": {k: layers} for k in 1..5}``.
     """
-    from .analysis import coerce_hparams
-
     if kind not in TRACE_KINDS:
         raise ValueError(f"kind must be one of {tuple(TRACE_KINDS)}, got {kind!r}.")
     if answer not in ANSWERS:
@@ -187,7 +185,7 @@ def causal_trace(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if not noise_scale >= 0:
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale!r}.")
-    hp: BLUEHyperParams = coerce_hparams(hparams)
+    hp = BLUEHyperParams.coerce(hparams)
     layout = resolve_layout(model, hp)
     names = [layout.templates[TRACE_KINDS[kind]].format(l) for l in range(layout.n_layers)]
     reqs = prepare_requests(tok, requests, hp)
