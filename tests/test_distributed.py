@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from blue_plugin.stats import moments as stats
-from blue_plugin.stats.distributed import distributed_second_moments, shard_indices
+from blue_plugin.stats.distributed import distributed_second_moments
+from blue_plugin.stats.process_group import shard_indices
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -112,7 +113,7 @@ def _cached_worker(rank: int, world: int, port: int, model_dir: str, corpus: str
     """One gloo rank calling distributed_second_moments directly; saves what it got."""
     import torch.distributed as dist
 
-    from blue_plugin.stats.distributed import init_distributed
+    from blue_plugin.stats.process_group import init_distributed
     from blue_plugin.model.loading import load_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

@@ -1007,7 +1007,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys  # noqa: PLC0415
 
     from ..model.layout import resolve_layout  # noqa: PLC0415
-    from .distributed import RankFailed, distributed_second_moments, init_distributed  # noqa: PLC0415
+    from .distributed import distributed_second_moments  # noqa: PLC0415
+    from .process_group import RankFailed, init_distributed  # noqa: PLC0415
     from ..hparams import BLUEHyperParams  # noqa: PLC0415
     from ..model.loading import default_cache_dir, load_model  # noqa: PLC0415
 
