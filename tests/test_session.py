@@ -514,7 +514,7 @@ def test_save_crash_keeps_previous_session(tok, tmp_path, monkeypatch):
     session intact and loadable, and no stray files."""
     import safetensors.torch
 
-    from blue_plugin.editing import session as session_mod
+    from blue_plugin.editing import session_io as session_mod
 
     model, hp = _setup(tok)
     session = EditSession(model, tok, hp)
@@ -542,7 +542,7 @@ def test_save_crash_keeps_previous_session(tok, tmp_path, monkeypatch):
         raise OSError("I/O error")
 
     with monkeypatch.context() as mp:
-        mp.setattr(session_mod, "_write_atomic", bad_manifest)
+        mp.setattr(session_mod, "write_atomic", bad_manifest)
         with pytest.raises(OSError, match="I/O"):
             session.save(d)
     assert sorted(p.name for p in d.iterdir()) == before

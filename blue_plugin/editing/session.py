@@ -18,11 +18,7 @@
 * :meth:`EditSession.load` puts a saved session onto a freshly loaded, *unedited* model after
   checking that it is the model the session was started on.
 
-A session directory holds ``manifest.json`` and the tensor file it names
-(``session-<batches>-<random>.safetensors``). :meth:`save` writes the tensor file under a new
-name, fsyncs it, then replaces ``manifest.json`` atomically (``os.replace``) and only then deletes
-the previous tensor file, so a crash at any moment leaves a complete old or a complete new
-session, never a mixture. Nothing is pickled: tensors are safetensors, metadata JSON.
+The directory layout, its atomic writes and its checks are :mod:`blue_plugin.editing.session_io`.
 
 The model-constant caches (C0 and AlphaEdit's projector) are not saved; :meth:`load` reads C0
 from the statistics cache (or recomputes it) on the unedited model *before* it applies the saved
@@ -30,134 +26,39 @@ weights, exactly as the first batch of an uninterrupted run did, so resuming is 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from ..model.layout import ModelLayout, find_module, resolve_layout
-from .editor import Editor, apply_blue_to_model
 from ..errors import BLUEEditError
 from ..hparams import BLUEHyperParams
+from ..model.layout import ModelLayout, resolve_layout
+from .editor import Editor, apply_blue_to_model
+from .session_io import (
+    COMPARED_IDENTITY_KEYS,
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    SESSION_FORMAT_VERSION,
+    WEIGHT_PREFIX,
+    BLUESessionError,
+    check_model,
+    model_identity,
+    params_fingerprint,
+    read_manifest,
+    read_tensors,
+    session_dir,
+    write_session,
+)
 from .state import EditState, check_finite_parameters, fingerprint, get_state
 
 logger = logging.getLogger(__name__)
 
-#: Version of the session directory layout; :meth:`EditSession.load` refuses other versions.
-SESSION_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-_FORMAT_NAME = "blue_plugin.EditSession"
-_WEIGHT_PREFIX = "weight:"
-_FINGERPRINT_ELEMENTS = 4096
-
-#: Model identity fields that must agree between a saved session and the model it is loaded on.
-COMPARED_IDENTITY_KEYS = ("class", "model_type", "hidden_size", "num_layers", "vocab_size", "n_params", "dtype")
-
-
-class BLUESessionError(ValueError):
-    """A saved session cannot be used: missing or corrupted files, another model, an already
-    edited model, or an unknown format. The message says what to do."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Model identity
-# ---------------------------------------------------------------------------------------------
-
-
-def model_identity(model) -> dict[str, Any]:
-    """Architecture facts that a session must match (see :data:`COMPARED_IDENTITY_KEYS`) plus the
-    informational ``name_or_path``."""
-    cfg = getattr(model, "config", None)
-    params = list(model.parameters())
-
-    def first(*keys: str) -> Any:
-        for k in keys:
-            v = getattr(cfg, k, None)
-            if v is not None:
-                return v
-        return None
-
-    return {
-        "class": type(model).__name__,
-        "model_type": getattr(cfg, "model_type", None),
-        "hidden_size": first("hidden_size", "n_embd", "d_model"),
-        "num_layers": first("num_hidden_layers", "n_layer", "num_layers"),
-        "vocab_size": first("vocab_size"),
-        "n_params": int(sum(p.numel() for p in params)),
-        "dtype": str(params[0].dtype) if params else None,
-        "name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or ""),
-    }
-
-
-def params_fingerprint(model, exclude: Sequence[str] = ()) -> str:
-    """sha256 over name, shape, dtype and a strided sample (4096 entries) of every parameter
-    except ``exclude`` (the edited matrices): identifies the checkpoint without reading all of
-    it (~10 ms for a 135M model)."""
-    excluded = set(exclude)
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if name in excluded:
-            continue
-        h.update(name.encode())
-        h.update(str((tuple(p.shape), str(p.dtype))).encode())
-        if p.is_meta:
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
-        h.update(flat[::step][:_FINGERPRINT_ELEMENTS].to("cpu", torch.float64).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _coerce_hparams(hparams: Any) -> BLUEHyperParams:
-    if isinstance(hparams, BLUEHyperParams):
-        return hparams
-    if isinstance(hparams, dict):
-        return BLUEHyperParams.from_dict(hparams)
-    if isinstance(hparams, (str, os.PathLike)):
-        return BLUEHyperParams.from_hparams(hparams)
-    raise ValueError(
-        f"hparams must be a BLUEHyperParams, a dict of its keys or a YAML path, got {type(hparams).__name__}"
-    )
+__all__ = ["EditSession", "BLUESessionError", "MANIFEST_NAME", "SESSION_FORMAT_VERSION", "COMPARED_IDENTITY_KEYS",
+           "model_identity", "params_fingerprint"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +87,7 @@ class EditSession:
         if history_limit is not None and (isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1):
             raise ValueError(f"history_limit must be None or an integer >= 1, got {history_limit!r}")
         self.model, self.tok = model, tok
-        self.hparams = _coerce_hparams(hparams)
+        self.hparams = BLUEHyperParams.coerce(hparams)
         self.layout: ModelLayout = resolve_layout(model, self.hparams)  # validates templates and layers
         self.undo_depth = undo_depth
         self.history_limit = history_limit
@@ -292,10 +193,7 @@ class EditSession:
         """Write the session to ``directory`` (created if needed) atomically; return the
         manifest path. Safe against a crash at any moment and against concurrent saves into the
         same directory (file lock)."""
-        import filelock  # noqa: PLC0415
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        directory = Path(os.path.expanduser(os.fspath(directory)))
+        directory = session_dir(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state
         params = self._params()
@@ -305,11 +203,11 @@ class EditSession:
         for l in edited:
             name = self.layout.weight_name(l)
             w = params[name].detach()
-            tensors[_WEIGHT_PREFIX + name] = w.to("cpu").contiguous().clone()
+            tensors[WEIGHT_PREFIX + name] = w.to("cpu").contiguous().clone()
             weights_meta[name] = {"layer": l, "shape": list(w.shape), "dtype": str(w.dtype)}
         excluded = [self.layout.weight_name(l) for l in state.layers]
         manifest = {
-            "format": _FORMAT_NAME,
+            "format": FORMAT_NAME,
             "format_version": SESSION_FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_batches": self.n_batches,
@@ -321,54 +219,14 @@ class EditSession:
             "weights": weights_meta,
             "state": state_meta,
         }
-        lock = filelock.FileLock(str(directory / ".session.lock"))
-        with lock:
-            name = f"session-{self.n_batches:06d}-{secrets.token_hex(4)}.safetensors"
-            path = directory / name
-            tmp = directory / f".{name}.tmp"
-            try:
-                save_file(tensors, str(tmp), metadata={"format": _FORMAT_NAME})
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            manifest["tensors_file"] = name
-            manifest["tensors_sha256"] = _sha256_file(path)
-            try:
-                _write_atomic(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-            _fsync_dir(directory)
-            for old in directory.iterdir():  # previous tensor files and leftovers of crashed saves
-                if old.name != name and old.name.startswith(("session-", ".session-")) and old.name.endswith((".safetensors", ".tmp")):
-                    old.unlink(missing_ok=True)
+        path = write_session(directory, tensors, manifest, self.n_batches)
         logger.info("saved session (%d batches, %d edits) to %s", self.n_batches, state.n_edits, directory)
-        return directory / MANIFEST_NAME
+        return path
 
     @staticmethod
     def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         """The manifest of a saved session (validated format); raises :class:`BLUESessionError`."""
-        path = Path(os.path.expanduser(os.fspath(directory))) / MANIFEST_NAME
-        if not path.is_file():
-            raise BLUESessionError(f"no saved session in {str(path.parent)!r} ({MANIFEST_NAME} is missing); save one with EditSession.save(dir)")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BLUESessionError(f"{str(path)!r} is not a readable session manifest ({e}); the session is corrupted") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT_NAME:
-            raise BLUESessionError(f"{str(path)!r} is not a blue_plugin session manifest")
-        if manifest.get("format_version") != SESSION_FORMAT_VERSION:
-            raise BLUESessionError(
-                f"{str(path)!r} has session format {manifest.get('format_version')!r}; this blue_plugin reads "
-                f"format {SESSION_FORMAT_VERSION} (use the version that wrote it)"
-            )
-        missing = [k for k in ("n_batches", "hparams", "model", "params_fingerprint", "weights", "state", "tensors_file", "tensors_sha256") if k not in manifest]
-        if missing:
-            raise BLUESessionError(f"{str(path)!r} lacks {missing}; the session is corrupted")
-        return manifest
+        return read_manifest(directory)
 
     @classmethod
     def load(
@@ -393,50 +251,20 @@ class EditSession:
         passing others logs the keys that differ. Raises :class:`BLUESessionError` (a
         ValueError) and leaves the model unchanged when a check fails.
         """
-        from safetensors.torch import load_file  # noqa: PLC0415
-
-        directory = Path(os.path.expanduser(os.fspath(directory)))
+        directory = session_dir(directory)
         manifest = cls.read_manifest(directory)
         saved_hp = BLUEHyperParams.from_dict(manifest["hparams"], source=f"{directory / MANIFEST_NAME} hparams")
-        hp = saved_hp if hparams is None else _coerce_hparams(hparams)
+        hp = saved_hp if hparams is None else BLUEHyperParams.coerce(hparams)
         if hparams is not None:
             diff = sorted(k for k, v in saved_hp.to_dict().items() if hp.to_dict().get(k) != v)
             if diff:
                 logger.warning("loading a session with hyperparameters that differ from the saved ones in %s; "
                                "the continued run will not be identical to an uninterrupted one", diff)
 
-        # -- the tensor file ---------------------------------------------------------------
-        tpath = directory / str(manifest["tensors_file"])
-        if tpath.name != manifest["tensors_file"] or not tpath.is_file():
-            raise BLUESessionError(f"the session's tensor file {str(tpath)!r} is missing; the session is incomplete or was moved in parts")
-        if _sha256_file(tpath) != manifest["tensors_sha256"]:
-            raise BLUESessionError(f"{str(tpath)!r} does not match the checksum in the manifest (corrupted or replaced); the session cannot be used")
-        try:
-            tensors = load_file(str(tpath))
-        except Exception as e:  # safetensors raises several types for bad files
-            raise BLUESessionError(f"{str(tpath)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-        weights = {k[len(_WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(_WEIGHT_PREFIX)}
-        state_tensors = {k: v for k, v in tensors.items() if not k.startswith(_WEIGHT_PREFIX)}
-        if set(weights) != set(manifest["weights"]):
-            raise BLUESessionError(f"{str(tpath)!r} holds weights {sorted(weights)} but the manifest lists {sorted(manifest['weights'])}; the session is corrupted")
-
-        # -- the model ---------------------------------------------------------------------
-        ident, saved_ident = model_identity(model), manifest["model"]
-        diff = [k for k in COMPARED_IDENTITY_KEYS if ident.get(k) != saved_ident.get(k)]
-        if diff:
-            details = ", ".join(f"{k}: saved {saved_ident.get(k)!r}, this model {ident.get(k)!r}" for k in diff)
-            raise BLUESessionError(f"the session was saved for another model ({details}); load the model it was started on ({saved_ident.get('name_or_path')!r})")
+        weights, state_tensors = read_tensors(directory, manifest)
+        check_model(model, manifest, list(weights))
         layout = resolve_layout(model, hp)
         params = dict(model.named_parameters())
-        excluded = list(manifest.get("fingerprint_excludes", []))
-        unknown = [n for n in list(weights) + excluded if n not in params]
-        if unknown:
-            raise BLUESessionError(f"the model has no parameters {unknown} that the session edited; load the model it was started on")
-        if params_fingerprint(model, exclude=excluded) != manifest["params_fingerprint"]:
-            raise BLUESessionError(
-                "the model's weights differ from those the session was started on (another checkpoint, dtype or "
-                f"fine-tune of {saved_ident.get('name_or_path') or 'the saved model'!r}); load the same unedited model"
-            )
         try:
             new_state = EditState.from_tensors(state_tensors, manifest["state"], device_of=lambda l: params[layout.weight_name(l)].device)
         except ValueError as e:
