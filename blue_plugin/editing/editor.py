@@ -17,7 +17,8 @@ when the batch is written; PRUNE runs the sequence unrestrained (kept in the sta
 The steps of a batch are public probes of :class:`Editor` -- :meth:`~Editor.targets_at`,
 :meth:`~Editor.keys_at`, :meth:`~Editor.layer_update`, :meth:`~Editor.add_update`,
 :meth:`~Editor.restore` / :meth:`~Editor.weights_restored` -- which dynamic layer selection and the
-research analyses call on the model as it is.
+research analyses call on the model as it is. An optional
+:class:`~blue_plugin.editing.observer.EditObserver` hears the phases of every batch.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..stats.moments import get_second_moments
 from .batch import PendingBatch
 from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from .keys import keys_and_outputs
+from .observer import EditObserver, check_observer, observed
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule, null_space_projector
 from .selection import choose_boundary_layers, window_layers
@@ -52,14 +54,17 @@ SOLVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 class Editor:
     """Applies batches of edits to one model with one set of hyperparameters (a
     :class:`BLUEHyperParams`, a dict of its keys or a YAML path; see :meth:`BLUEHyperParams.coerce`).
-    ``state``: the sequential state (default: the model's :func:`get_state`)."""
+    ``state``: the sequential state (default: the model's :func:`get_state`); ``observer``: an
+    :class:`~blue_plugin.editing.observer.EditObserver` told about every phase of a batch."""
 
-    def __init__(self, model, tok, hparams: BLUEHyperParams, state: Optional[EditState] = None):
+    def __init__(self, model, tok, hparams: BLUEHyperParams, state: Optional[EditState] = None,
+                 observer: Optional[EditObserver] = None):
         hparams = BLUEHyperParams.coerce(hparams)
         self.model, self.tok, self.hp = model, tok, hparams
         self.layout: ModelLayout = resolve_layout(model, hparams)
         self.rule = get_rule(hparams.base_method)
         self.state = state if state is not None else get_state(model)
+        self.observer = check_observer(observer)
         self.solve_dtype = SOLVE_DTYPES[hparams.solve_dtype]
         if tok.pad_token_id is None and tok.eos_token_id is None:
             raise BLUEConfigError("the tokenizer has neither a pad nor an eos token; set tok.pad_token.")
@@ -260,8 +265,11 @@ class Editor:
                 f"the weights of layer(s) {offloaded} are offloaded (device 'meta', accelerate disk/CPU offload); "
                 "load the model with a device_map that keeps the edited layers on a GPU or the CPU."
             )
-        self.ensure_second_moments(candidates)
-        prefixes = self.prefixes()
+        with observed(self.observer, "statistics", None) as info:
+            info.update(layers=list(candidates), missing=self.ensure_second_moments(candidates))
+        with observed(self.observer, "prefixes", None) as info:
+            prefixes = self.prefixes()
+            info["prefixes"] = len(prefixes)
         check_rows_fit(self.tok, reqs, prefixes, self.hp.fact_token, position_limit(self.model))
         resumed = self.state.unrestrained_layers() if self.rule.restrains_sequence(self.hp) else []
         pending = PendingBatch(originals={l: self.weight(l).detach().clone() for l in resumed})
@@ -290,7 +298,9 @@ class Editor:
                     self._run_blue(reqs, prefixes, layers, pending, record)
                 else:
                     self._run_original(reqs, prefixes, layers, pending, record)
-            pending.write(self, layers, record)
+            with observed(self.observer, "write", None) as info:
+                info["layers"] = list(layers)
+                pending.write(self, layers, record)
         except BaseException:
             self.restore(pending.originals)
             raise
@@ -307,17 +317,16 @@ class Editor:
         return {self.layout.weight_name(l): pending.originals[l] for l in layers}
 
     def _targets(self, reqs: list[EditRequest], prefixes: list[str], layer: int, record: dict) -> TargetResult:
-        t0 = time.perf_counter()
-        res = self.targets_at(reqs, prefixes, layer)
-        record["time"]["targets"] += time.perf_counter() - t0
+        with observed(self.observer, "targets", layer, record["time"]) as info:
+            res = self.targets_at(reqs, prefixes, layer, info)
         record["steps"][layer] = res.steps
         record["nll"][layer] = res.nll
         return res
 
     def _keys(self, reqs, prefixes, key_layer: int, out_layer: int, record: dict):
-        t0 = time.perf_counter()
-        keys, outs = self.keys_at(reqs, prefixes, [key_layer], [out_layer])
-        record["time"]["keys"] += time.perf_counter() - t0
+        with observed(self.observer, "keys", key_layer, record["time"]) as info:
+            keys, outs = self.keys_at(reqs, prefixes, [key_layer], [out_layer], info)
+            info["out_layer"] = out_layer
         return keys[key_layer], outs[out_layer]
 
     def _run_blue(self, reqs, prefixes, layers, pending, record) -> None:
@@ -337,16 +346,16 @@ class Editor:
 
     def _update(self, layer: int, K: torch.Tensor, R: torch.Tensor, pending: PendingBatch, record: dict) -> None:
         """K: (n, d_in), R: (n, d_out). Computes and writes the new weight of ``layer``."""
-        t0 = time.perf_counter()
-        pending.note_first_edit(self.state, layer)
-        x, W_new, extra = self._solve(layer, K, R, pending)
-        if extra is not None:  # PRUNE per batch: the accumulated change against its bound
-            record.setdefault("change_sigma", {})[layer] = extra
-        self.write(layer, W_new)
-        pending.add(layer, x.W, W_new, x.K, self.rule.adjusts_batch(self.hp))
-        record["residual_norm"][layer] = R.norm(dim=1).tolist()
-        record.setdefault("delta_norm", {})[layer] = float((W_new - x.W).norm())
-        record["time"]["update"] += time.perf_counter() - t0
+        with observed(self.observer, "update", layer, record["time"]) as info:
+            pending.note_first_edit(self.state, layer)
+            x, W_new, extra = self._solve(layer, K, R, pending)
+            if extra is not None:  # PRUNE per batch: the accumulated change against its bound
+                record.setdefault("change_sigma", {})[layer] = extra
+            self.write(layer, W_new)
+            pending.add(layer, x.W, W_new, x.K, self.rule.adjusts_batch(self.hp))
+            record["residual_norm"][layer] = R.norm(dim=1).tolist()
+            record.setdefault("delta_norm", {})[layer] = info["delta_norm"] = float((W_new - x.W).norm())
+            info["requests"] = K.shape[0]
 
     def finalize(self) -> dict[int, dict]:
         """Serve ``W_orig + restrain(W - W_orig)`` for a PRUNE sequence (``prune_timing: sequence``;
@@ -366,6 +375,7 @@ def apply_blue_to_model(
     return_orig_weights: bool = False,
     keep_original_weight: bool = False,
     state: Optional[EditState] = None,
+    observer: Optional[EditObserver] = None,
     **kwargs: Any,
 ):
     """Edit ``model`` with ``requests`` (EasyEdit's apply contract).
@@ -375,12 +385,13 @@ def apply_blue_to_model(
     parameter names of exactly the changed matrices to their pre-edit values (restore with
     ``param.data.copy_(weights_copy[name])``). Consecutive calls on the same model are sequential
     batch editing; the state lives in :func:`blue_plugin.get_state(model) <blue_plugin.editing.state.get_state>`
-    unless ``state`` is given. ``keep_original_weight`` and other EasyEdit keyword arguments are
-    accepted and have no effect (the editor restores weights from ``weights_copy``).
+    unless ``state`` is given. ``observer``: an :class:`~blue_plugin.editing.observer.EditObserver`
+    told about the batch's phases. ``keep_original_weight`` and other EasyEdit keyword arguments
+    are accepted and have no effect (the editor restores weights from ``weights_copy``).
     """
     hp = BLUEHyperParams.coerce(hparams)
     if copy:
         model = copy_module.deepcopy(model)
-    editor = Editor(model, tok, hp, state)
+    editor = Editor(model, tok, hp, state, observer)
     weights_copy = editor.apply(requests, return_orig_weights=return_orig_weights)
     return model, weights_copy

@@ -38,6 +38,7 @@ from ..errors import BLUEEditError
 from ..hparams import BLUEHyperParams
 from ..model.layout import ModelLayout, resolve_layout
 from .editor import Editor, apply_blue_to_model
+from .observer import EditObserver
 from .session_io import (
     COMPARED_IDENTITY_KEYS,
     FORMAT_NAME,
@@ -76,12 +77,15 @@ class EditSession:
             the critical layers' weights and of the per-layer state; 0 disables undo).
         history_limit: keep only the newest ``history_limit`` per-batch records in
             ``get_state(model).history`` (None: keep all; a record is ~1-2 KB).
+        observer: an :class:`~blue_plugin.editing.observer.EditObserver` told about the phases
+            of every batch.
 
     The session uses (and owns, while it lives) the model's :func:`~blue_plugin.get_state`
     state, so plain :func:`~blue_plugin.apply_blue_to_model` calls see the same sequence.
     """
 
-    def __init__(self, model, tok, hparams: Any, undo_depth: int = 1, history_limit: Optional[int] = None):
+    def __init__(self, model, tok, hparams: Any, undo_depth: int = 1, history_limit: Optional[int] = None,
+                 observer: Optional[EditObserver] = None):
         if isinstance(undo_depth, bool) or not isinstance(undo_depth, int) or undo_depth < 0:
             raise ValueError(f"undo_depth must be an integer >= 0, got {undo_depth!r}")
         if history_limit is not None and (isinstance(history_limit, bool) or not isinstance(history_limit, int) or history_limit < 1):
@@ -91,6 +95,7 @@ class EditSession:
         self.layout: ModelLayout = resolve_layout(model, self.hparams)  # validates templates and layers
         self.undo_depth = undo_depth
         self.history_limit = history_limit
+        self.observer = observer
         self.n_batches = 0
         self._undo: list[tuple[dict[str, torch.Tensor], EditState, int]] = []
 
@@ -133,7 +138,7 @@ class EditSession:
         snapshot = self.state.snapshot()
         n_hist = len(self.state.history)
         try:
-            apply_blue_to_model(self.model, self.tok, requests, self.hparams, state=self.state)
+            apply_blue_to_model(self.model, self.tok, requests, self.hparams, state=self.state, observer=self.observer)
         except BaseException as e:
             self._put_back(before, snapshot)
             if isinstance(e, torch.linalg.LinAlgError):  # e.g. an SVD of non-finite values (PRUNE)
@@ -238,6 +243,7 @@ class EditSession:
         undo_depth: int = 1,
         history_limit: Optional[int] = None,
         prepare_statistics: bool = True,
+        observer: Optional[EditObserver] = None,
     ) -> "EditSession":
         """Restore a saved session onto ``model``, a freshly loaded **unedited** copy of the
         model it was started on, and return it (the model is edited in place).
@@ -309,7 +315,7 @@ class EditSession:
                     params[name].copy_(w)
             state.restore(snapshot)
             raise
-        session = cls(model, tok, hp, undo_depth=undo_depth, history_limit=history_limit)
+        session = cls(model, tok, hp, undo_depth=undo_depth, history_limit=history_limit, observer=observer)
         session.n_batches = int(manifest["n_batches"])
         logger.info("loaded session from %s: %d batches, %d edits", directory, session.n_batches, state.n_edits)
         return session
