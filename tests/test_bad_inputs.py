@@ -349,7 +349,7 @@ def _corrupt_nan_with_valid_checksum(p: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from blue_plugin.stats.moments import _sha256_tensor
+    from blue_plugin.stats.cache import _sha256_tensor
 
     with safe_open(str(p), "pt") as f:
         meta, t = f.metadata(), f.get_tensor("mom2")
@@ -371,7 +371,7 @@ def test_corrupted_statistics_are_recomputed_not_used(env, tmp_path, caplog, cor
         corrupt(p)
     model = make_llama(seed=0)
     inject_prefixes(model, hp)
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         apply_blue_to_model(model, env.tok, [dict(GOOD)], hp)
     assert any(message in r.getMessage() for r in caplog.records)
     ref = _reference_edit(env, tmp_path)
@@ -385,7 +385,7 @@ def test_statistics_of_another_model_are_recomputed_not_used(env, tmp_path, capl
     Editor(other, env.tok, hp).ensure_second_moments(hp.edit_layers)
     model = make_llama(seed=0)
     inject_prefixes(model, hp)
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         apply_blue_to_model(model, env.tok, [dict(GOOD)], hp)
     assert any("weights_fingerprint" in r.getMessage() for r in caplog.records)
     assert changed_params(_reference_edit(env, tmp_path), model) == set()
@@ -467,7 +467,7 @@ def test_interrupted_statistics_write_keeps_the_old_file(env, tmp_path, monkeypa
     byte-identical and no temp file behind."""
     import safetensors.torch
 
-    from blue_plugin.stats import moments as stats
+    from blue_plugin.stats import cache as stats
 
     src = next(env.stats.glob("*.safetensors"))
     path = tmp_path / src.name
@@ -502,7 +502,7 @@ def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path
     kw = dict(corpus=str(env.corpus), n_samples=30, max_length=16, cache_dir=tmp_path, model_id="tiny", progress=False)
     first = get_second_moments(model, env.tok, names, **kw)[names[0]]
     other_tok = make_tokenizer(add_bos=False)  # same vocabulary, no BOS: other token streams
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         second = get_second_moments(model, other_tok, names, **kw)[names[0]]
     assert any("tokenizer_fingerprint" in r.getMessage() for r in caplog.records)
     assert not torch.equal(first, second)
@@ -511,7 +511,7 @@ def test_statistics_for_another_tokenizer_or_format_are_recomputed(env, tmp_path
         meta, t = f.metadata(), f.get_tensor("mom2")
     save_file({"mom2": t}, str(path), metadata={**meta, "format_version": "0"})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         get_second_moments(model, other_tok, names, **kw)
     assert any("format_version" in r.getMessage() for r in caplog.records)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin.stats import corpus as C
-from blue_plugin.stats import moments as stats
-from blue_plugin.stats.moments import get_second_moments, read_corpus
+from blue_plugin.stats import get_second_moments, read_corpus
+from blue_plugin.stats import sampling as stats
+from blue_plugin.stats import sources as C
 
 pytest.importorskip("transformers")
 from tests.tiny import make_model  # noqa: E402
@@ -109,7 +109,7 @@ def test_wordnet_search_order_and_fallback_file(wordnet_dir, tmp_path, monkeypat
     monkeypatch.setenv("WNHOME", str(home))
     assert C.find_wordnet() == folder  # WNSEARCHDIR first
     monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "empty"))
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.corpus"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.sources"):
         assert C.find_wordnet() == home / "dict"
     assert any("WNSEARCHDIR" in r.getMessage() for r in caplog.records)  # a bad setting is not ignored silently
     assert read_corpus("wordnet", 9) == [f"home {p}" for p in C.WORDNET_PARTS]
@@ -216,6 +216,8 @@ def test_subset_and_mom2_dtype_are_part_of_the_cache_identity(tmp_path):
 
 
 def test_float32_products_not_used_where_tf32_could_apply():
+    from blue_plugin.stats import accumulate as stats
+
     assert stats._product_dtype(torch.device("cpu")) == torch.float32
     assert stats._product_dtype(torch.device("cpu"), "bfloat16") == torch.float32
     assert stats._product_dtype(torch.device("cpu"), "float64") == torch.float64

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blue_plugin.stats import moments as stats
+from blue_plugin import stats
+from blue_plugin.stats import moments
 from blue_plugin.stats.distributed import distributed_second_moments
 from blue_plugin.stats.process_group import shard_indices
 
@@ -180,14 +181,14 @@ def test_torchrun_two_processes_equal_single_process(setup, tmp_path):
     def boom(*a, **k):
         raise AssertionError("statistics were recomputed instead of read from the distributed cache")
 
-    orig = stats.collect_second_moments
-    stats.collect_second_moments = boom
+    orig = moments.collect_second_moments
+    moments.collect_second_moments = boom
     try:
         model_id = str(getattr(model.config, "_name_or_path", None))
         got = stats.get_second_moments(model, tok, MODULES, str(setup["corpus"]), 100, 32, stats_dir,
                                        model_id=model_id, progress=False)
     finally:
-        stats.collect_second_moments = orig
+        moments.collect_second_moments = orig
     for name in MODULES:
         s, c = raw[name]
         assert torch.allclose(got[name], s / c, rtol=1e-6, atol=1e-7 * float((s / c).abs().max()))
@@ -239,7 +240,7 @@ def test_single_process_matches_get_second_moments(setup, tmp_path):
 
 
 def test_cli_rejects_bad_layers(setup, tmp_path, caplog):
-    from blue_plugin.stats.moments import main
+    from blue_plugin.stats.cli import main
 
     assert main(["--hparams", str(setup["hparams"]), "--layers", "1,x", "--stats-dir", str(tmp_path)]) == 2
     assert main(["--hparams", str(setup["hparams"]), "--layers", "9", "--stats-dir", str(tmp_path),

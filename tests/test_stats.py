@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from blue_plugin.stats import cache as stats
+from blue_plugin.stats import collect_second_moments, get_second_moments, read_corpus
 from blue_plugin.stats import corpus as corpus_mod
-from blue_plugin.stats import moments as stats
-from blue_plugin.stats.moments import (
-    collect_second_moments,
-    get_second_moments,
-    read_corpus,
-    request_metadata,
-)
+from blue_plugin.stats.cache import request_metadata
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -264,12 +260,12 @@ def test_no_cache_dir(llama, tok, corpus_file):
 
 def test_warns_when_fewer_tokens_than_dimension(llama, tok, corpus_file, caplog):
     """C0 from fewer tokens than the key dimension (64 here) is singular: say so, with the fix."""
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         _get(llama, tok, corpus_file, None, n=2, names=NAMES[:1])
     msgs = [r.getMessage() for r in caplog.records if "fewer than its dimension 64" in r.getMessage()]
     assert len(msgs) == 1 and "raise mom2_n_samples" in msgs[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         out = _get(llama, tok, corpus_file, None, n=20, names=NAMES[:1])
     assert not [r for r in caplog.records if "fewer than its dimension" in r.getMessage()]
     assert torch.linalg.matrix_rank(out[NAMES[0]]) == 64
@@ -281,7 +277,7 @@ def test_truncated_file_recomputed_with_warning(llama, tok, corpus_file, tmp_pat
     path = next(p for p in cache.iterdir() if NAMES[0] in p.name)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         again, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache))
     assert calls == 5
     assert any("unreadable" in r.getMessage() for r in caplog.records)
@@ -296,7 +292,7 @@ def test_flipped_byte_recomputed(llama, tok, corpus_file, tmp_path, caplog):
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x40  # inside the tensor data: still a valid safetensors file
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         again, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache))
     assert calls == 5
     assert any("checksum" in r.getMessage() for r in caplog.records)
@@ -323,7 +319,7 @@ def test_metadata_mismatch_recomputes(llama, tok, corpus_file, tmp_path, caplog)
         meta = f.metadata()
     # forge: same file name, but the metadata says it was made for another sample count
     save_file({"mom2": load_file(str(path))["mom2"] * 2}, str(path), metadata={**meta, "n_samples": "7"})
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         again, calls = _layer0_calls(llama, lambda: _get(llama, tok, corpus_file, cache))
     assert calls == 5
     assert any("n_samples" in r.getMessage() for r in caplog.records)
@@ -343,7 +339,7 @@ def test_other_weights_invalidate(tok, corpus_file, tmp_path, caplog):
     m1 = _llama(seed=0)
     a = _get(m1, tok, corpus_file, cache)
     m2 = _llama(seed=1)  # same architecture and name, other weights
-    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats.moments"):
+    with caplog.at_level(logging.WARNING, logger="blue_plugin.stats"):
         b, calls = _layer0_calls(m2, lambda: _get(m2, tok, corpus_file, cache))
     assert calls == 5
     assert any("weights_fingerprint" in r.getMessage() for r in caplog.records)
@@ -495,7 +491,7 @@ def test_hub_corpus_cache_hit_needs_no_hub(llama, tok, tmp_path, monkeypatch):
         calls.append((name, n))
         return _make_texts(n, seed=5)
 
-    monkeypatch.setattr(corpus_mod, "_read_hf_corpus", fake_hub)
+    monkeypatch.setattr(corpus_mod, "read_hf_corpus", fake_hub)
     cache = tmp_path / "cache"
     a = _get(llama, tok, "wikipedia", cache, n=6)
     assert calls == [("wikipedia", 6)]
@@ -523,7 +519,7 @@ def test_gpt2_fingerprint_ignores_mlp_c_proj_only(tok, corpus_file):
 def test_block_triangular_gram_equals_the_full_product(d, blocks):
     """k^T k summed on the lower block triangle only, then mirrored, equals the full product
     (also when d is not a multiple of the block count, or smaller than it)."""
-    from blue_plugin.stats.moments import add_lower_gram_, symmetrize_lower_
+    from blue_plugin.stats.accumulate import add_lower_gram_, symmetrize_lower_
 
     g = torch.Generator().manual_seed(d)
     acc = torch.zeros(d, d, dtype=torch.float64)

@@ -1,9 +1,22 @@
 """Key statistics C_0 = E[k k^T] of the FFN output projections' inputs over a corpus.
 
-``corpus`` reads the documents, ``moments`` accumulates and caches the means, ``distributed``
-spreads the pass over processes; ``python -m blue_plugin.stats`` is the command line.
+Modules, bottom to top: ``sources`` (corpus files, hub corpora, WordNet; subsets and identity),
+``accumulate`` (sums of k k^T in one forward pass per batch), ``cache`` (fingerprints, metadata,
+the validated safetensors files and their lock), ``sampling`` (text sampled from the model),
+``corpus`` (:func:`read_corpus`: every source and combinations), ``moments``
+(:func:`get_second_moments`: the means, from the cache or computed), ``process_group`` and
+``distributed`` (the pass spread over processes), ``cli`` (``python -m blue_plugin.stats``).
 """
+from .accumulate import collect_second_moments
+from .cache import CACHE_FORMAT_VERSION, COMPARED_KEYS, TENSOR_KEY
 from .corpus import read_corpus
-from .moments import collect_second_moments, get_second_moments
+from .moments import get_second_moments
 
-__all__ = ["collect_second_moments", "get_second_moments", "read_corpus"]
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "COMPARED_KEYS",
+    "TENSOR_KEY",
+    "collect_second_moments",
+    "get_second_moments",
+    "read_corpus",
+]

@@ -6,10 +6,10 @@ model, gets the corpus from rank 0 (which reads it; a ``sampled`` corpus is gene
 once), and takes a deterministic shard of its documents: document ``i``
 goes to rank ``i % world_size`` (:func:`shard_indices`; shard sizes differ by at most one, a rank
 may get none). Each rank accumulates float64 sums of k k^T and token counts with
-:func:`blue_plugin.stats.moments.collect_second_moments`; the sums and counts are all-reduced (SUM), and
-rank 0 writes the cache files -- the same files, names and metadata as the single-process
-:func:`blue_plugin.stats.moments.get_second_moments`, so the editing engine finds them. The other ranks
-wait at a barrier until the files are written.
+:func:`blue_plugin.stats.accumulate.collect_second_moments`; the sums and counts are all-reduced
+(SUM), and rank 0 writes the cache files -- the same files, names and metadata as the
+single-process :func:`blue_plugin.stats.moments.get_second_moments`, so the editing engine finds
+them. The other ranks wait at a barrier until the files are written.
 
 Equality with a single process: a sum of float64 sums equals the single-process sum up to float64
 rounding. The keys themselves come from float32 forward passes whose batches (and so padding
@@ -32,8 +32,28 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.devices import accumulation_device, input_device, module_device
-from . import moments as stats
+from .accumulate import (
+    check_mom2_dtype,
+    collect_second_moments,
+    effective_max_length,
+    mean_from_sum,
+    tokenize,
+    validate_module_names,
+)
+from .cache import (
+    acquire_cache_lock,
+    cache_file_name,
+    expected_d_in,
+    load_moment,
+    request_metadata,
+    save_moment,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+    written_metadata,
+)
+from .corpus import read_corpus
 from .process_group import DistInfo, broadcast_object, collectively, current_dist, shard_indices
+from .sources import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +92,15 @@ def _local_sums(
 ) -> tuple[dict[str, tuple[torch.Tensor | None, int]], int]:
     """Sums and counts over this rank's ``texts``; ``(None, 0)`` per module for a shard without
     tokens (no documents, or none that tokenises to anything). Also returns the token count."""
-    if not texts or not any(stats._tokenize(tok, texts, max_length)):
+    if not texts or not any(tokenize(tok, texts, max_length)):
         return {n: (None, 0) for n in names}, 0
-    raw = stats.collect_second_moments(model, tok, names, texts, max_length, batch_size, progress,
-                                       mom2_dtype=mom2_dtype)
+    raw = collect_second_moments(model, tok, names, texts, max_length, batch_size, progress,
+                                 mom2_dtype=mom2_dtype)
     return dict(raw), raw[names[0]][1]
 
 
 def _d_in(module: nn.Module) -> int:
-    d = stats._expected_d_in(module)
+    d = expected_d_in(module)
     return int(d) if d is not None else 0
 
 
@@ -108,10 +128,10 @@ def distributed_second_moments(
 
     Args:
         model, tok, module_names, max_length, batch_size, mom2_dtype: as in
-            :func:`blue_plugin.stats.moments.collect_second_moments`. ``max_length`` is capped at the
-            model's positions, as in ``get_second_moments``.
-        corpus, n_samples, subset: as in :func:`blue_plugin.stats.moments.read_corpus`; rank 0 reads the
-            documents and sends them to every rank, which keeps its shard
+            :func:`blue_plugin.stats.accumulate.collect_second_moments`. ``max_length`` is capped at
+            the model's positions, as in ``get_second_moments``.
+        corpus, n_samples, subset: as in :func:`blue_plugin.stats.corpus.read_corpus`; rank 0 reads
+            the documents and sends them to every rank, which keeps its shard
             (:func:`blue_plugin.stats.process_group.shard_indices`).
         cache_dir: where rank 0 reads and writes the cache files (``None``: no cache). With
             several nodes this is rank 0's file system.
@@ -128,11 +148,11 @@ def distributed_second_moments(
             on any rank is raised on every rank.
     """
     t_start = time.perf_counter()
-    names = stats._validate_module_names(model, module_names)
-    stats._check_positive_int(n_samples, "n_samples")
-    stats._check_positive_int(batch_size, "batch_size")
-    stats.check_mom2_dtype(mom2_dtype)
-    max_length = stats._effective_max_length(model, max_length)
+    names = validate_module_names(model, module_names)
+    check_positive_int(n_samples, "n_samples")
+    check_positive_int(batch_size, "batch_size")
+    check_mom2_dtype(mom2_dtype)
+    max_length = effective_max_length(model, max_length)
     modules = dict(model.named_modules())
     devices = {n: accumulation_device(module_device(model, modules[n])) for n in names}
     info = current_dist(input_device(model))
@@ -140,7 +160,7 @@ def distributed_second_moments(
     def read() -> list[str] | None:
         if not info.is_main:
             return None
-        return stats.read_corpus(corpus, n_samples, subset=subset, model=model, tok=tok, max_length=max_length,
+        return read_corpus(corpus, n_samples, subset=subset, model=model, tok=tok, max_length=max_length,
                                  progress=progress)
 
     texts: list[str] = broadcast_object(info, collectively(info, read, "reading the corpus"))  # type: ignore[assignment]
@@ -161,17 +181,17 @@ def distributed_second_moments(
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create the statistics cache directory {str(root)!r}: {e}") from e
-        tfp = stats.tokenizer_fingerprint(tok)
+        tfp = tokenizer_fingerprint(tok)
         for n in names:
-            metas[n] = stats.request_metadata(
+            metas[n] = request_metadata(
                 model, tok, n, corpus, texts, n_samples, max_length, model_id,
-                subset=subset, mom2_dtype=mom2_dtype, _fingerprints=(stats.weights_fingerprint(model, [n]), tfp),
+                subset=subset, mom2_dtype=mom2_dtype, fingerprints=(weights_fingerprint(model, [n]), tfp),
             )
-            paths[n] = root / stats.cache_file_name(metas[n])
-        lock = stats.acquire_cache_lock(root, metas[names[0]])
+            paths[n] = root / cache_file_name(metas[n])
+        lock = acquire_cache_lock(root, metas[names[0]])
         if not overwrite:
             for n in names:
-                t = stats.load_moment(paths[n], metas[n], devices[n], stats._expected_d_in(modules[n]))
+                t = load_moment(paths[n], metas[n], devices[n], expected_d_in(modules[n]))
                 if t is not None:
                     cached[n] = t
         return [n for n in names if n not in cached]
@@ -210,7 +230,7 @@ def distributed_second_moments(
             if empty:
                 raise ValueError(f"no corpus token reached {empty}; check the corpus and the tokenizer")
             for n in missing:
-                mean = stats._mean(n, sums[n], counts[n])
+                mean = mean_from_sum(n, sums[n], counts[n])
                 result.moments[n] = mean.to(devices[n])
                 result.count[n] = counts[n]
 
@@ -218,10 +238,10 @@ def distributed_second_moments(
                 if not info.is_main or cache_dir is None:
                     return
                 for n in missing:
-                    meta = stats.written_metadata(metas[n], modules[n], counts[n], len(texts),
+                    meta = written_metadata(metas[n], modules[n], counts[n], len(texts),
                                                   n_processes=str(info.world_size))
                     try:
-                        stats.save_moment(paths[n], result.moments[n], meta)  # type: ignore[arg-type]
+                        save_moment(paths[n], result.moments[n], meta)  # type: ignore[arg-type]
                         logger.info("wrote %s (%d tokens)", paths[n], counts[n])
                     except OSError as e:
                         logger.warning("could not write statistics cache %s (%s)", paths[n], e)

@@ -1,0 +1,160 @@
+"""Command line of the key statistics: ``python -m blue_plugin.stats`` (and the
+``blue-plugin-stats`` script) precomputes C_0 for the layers a configuration edits, into the cache
+the editing engine reads, in one process or sharded under ``torchrun``
+(:mod:`blue_plugin.stats.distributed`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..hparams import BLUEHyperParams
+from ..model.layout import resolve_layout
+from ..model.loading import default_cache_dir, load_model
+from .accumulate import MOM2_DTYPES
+from .distributed import distributed_second_moments
+from .process_group import RankFailed, init_distributed
+from .sources import SUBSETS, check_positive_int
+
+logger = logging.getLogger(__name__)
+
+_CLI_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers such as 4,8, got {text!r}") from None
+    if not layers or any(x < 0 for x in layers):
+        raise ValueError(f"--layers must list non-negative layer indices such as 4,8, got {text!r}")
+    return sorted(dict.fromkeys(layers))
+
+
+def build_arg_parser():
+    """Arguments of ``python -m blue_plugin.stats.moments``."""
+    p = argparse.ArgumentParser(
+        prog="python -m blue_plugin.stats.moments",
+        description=(
+            "Precompute the key second moments C_0 that a BLUE config needs, into the cache the "
+            "editing engine reads. Runs in one process, or sharded over processes and nodes under "
+            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats.moments --hparams ...`)."
+        ),
+    )
+    p.add_argument("--hparams", required=True, help="BLUE YAML config (e.g. hparams/BLUE/smollm2-135m.yaml)")
+    p.add_argument("--model", default=None, help="model name or local HF folder (default: the config's model_name)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layers, e.g. 4,8 (default: the layers the config edits)")
+    p.add_argument("--n-samples", type=int, default=None, help="corpus documents (default: mom2_n_samples)")
+    p.add_argument("--corpus", default=None,
+                   help="corpus: a text/.jsonl file, wikipedia, wikitext, wordnet, sampled or a combination such "
+                        "as wordnet+sampled (default: mom2_dataset)")
+    p.add_argument("--subset", choices=list(SUBSETS), default="random",
+                   help="which documents: a seeded random subset (default) or the first ones")
+    p.add_argument("--mom2-dtype", choices=sorted(MOM2_DTYPES), default=None,
+                   help="dtype the keys are cast to before their products (default: mom2_dtype)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: mom2_max_length)")
+    p.add_argument("--stats-dir", default=None,
+                   help="cache folder (default: the config's stats_dir, else <cache>/stats as the engine uses)")
+    p.add_argument("--batch-size", type=int, default=16, help="documents per forward pass and process (default 16)")
+    p.add_argument("--device", default=None, help="device of this process (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_CLI_DTYPES), default=None,
+                   help="model dtype (default: the checkpoint's); sums are float64 regardless")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="recompute even if valid cache files exist")
+    p.add_argument("--report", default=None, help="write a JSON summary (timings per rank, files) here (rank 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m blue_plugin.stats.moments``; returns the exit status.
+
+    Under ``torchrun`` every process runs this; each takes its shard of the corpus, the sums are
+    all-reduced and rank 0 writes the cache (see :mod:`blue_plugin.stats.distributed`).
+    """
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    info = None
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(check_positive_int(args.threads, "--threads"))
+        hp = BLUEHyperParams.from_hparams(args.hparams)
+        changes: dict[str, object] = {}
+        if args.model is not None:
+            changes["model_name"] = args.model
+        if args.n_samples is not None:
+            changes["mom2_n_samples"] = args.n_samples
+        if args.corpus is not None:
+            changes["mom2_dataset"] = args.corpus
+        if args.max_length is not None:
+            changes["mom2_max_length"] = args.max_length
+        if args.mom2_dtype is not None:
+            changes["mom2_dtype"] = args.mom2_dtype
+        layers = _parse_layers(args.layers) if args.layers is not None else list(hp.edit_layers)
+        changes["layers"] = layers
+        hp = hp.replace(**changes)
+        if not hp.mom2_adjustment:
+            logger.warning("%s has mom2_adjustment: false; the engine will not use these statistics", args.hparams)
+        check_positive_int(args.batch_size, "--batch-size")
+
+        info = init_distributed(args.device)
+        model, tok = load_model(hp.model_name, device=info.device,
+                                dtype=_CLI_DTYPES[args.dtype] if args.dtype else None)
+        layout = resolve_layout(model, hp)
+        names = [layout.rewrite(layer) for layer in layers]
+        # Same cache folder and model id as Editor.ensure_second_moments, so the engine finds the files.
+        cache_dir = args.stats_dir or (hp.stats_dir if hp.stats_dir is not None else default_cache_dir() / "stats")
+        model_id = str(getattr(model.config, "_name_or_path", None) or hp.model_name)
+        run = distributed_second_moments(
+            model, tok, names, corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
+            max_length=hp.mom2_max_length, cache_dir=cache_dir, model_id=model_id,
+            batch_size=args.batch_size, progress=not args.no_progress, overwrite=args.overwrite,
+            mom2_dtype=hp.mom2_dtype, subset=args.subset,
+        )
+        if info.is_main:
+            tokens = sum(r["tokens"] for r in run.ranks)
+            slowest = max((r["seconds"] for r in run.ranks), default=0.0)
+            logger.info("%d module(s) computed, %d found in the cache", len(run.computed), len(run.cached))
+            if run.computed:
+                logger.info(
+                    "%d tokens on %d process(es); accumulation %.1fs (slowest rank), %.0f tokens/s in total",
+                    tokens, info.world_size, slowest, tokens / slowest if slowest else float("nan"),
+                )
+            for n in names:
+                logger.info("%s -> %s", n, run.paths[n])
+            if args.report:
+                report = {
+                    "model": hp.model_name, "model_id": model_id, "modules": names,
+                    "corpus": hp.mom2_dataset, "n_samples": hp.mom2_n_samples, "max_length": hp.mom2_max_length,
+                    "subset": args.subset, "mom2_dtype": hp.mom2_dtype,
+                    "batch_size": args.batch_size, "world_size": info.world_size, "backend": info.backend,
+                    "device": str(info.device), "threads": torch.get_num_threads(),
+                    "computed": run.computed, "cached": run.cached, "count": run.count,
+                    "ranks": run.ranks, "seconds_total": run.seconds,
+                    "paths": {n: str(p) if p is not None else None for n, p in run.paths.items()},
+                }
+                Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return 0
+    except ValueError as e:  # user-fixable (config, corpus, layers, ...)
+        logger.error("%s", e)
+        return 2
+    except RankFailed as e:  # the rank that failed has logged why
+        logger.error("%s", e)
+        return 1
+    finally:
+        if info is not None and info.backend is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
