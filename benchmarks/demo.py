@@ -26,7 +26,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from blue_plugin import BLUEHyperParams, apply_blue_to_model, get_state, load_model  # noqa: E402
-from blue_plugin.stats.corpus import SAMPLED, read_corpus, source_parts  # noqa: E402
+from blue_plugin.stats.corpus import read_corpus  # noqa: E402
+from blue_plugin.stats.sources import SAMPLED, source_parts  # noqa: E402
 from blue_plugin.evaluation.data import BUILTIN_FACTS, load_cases  # noqa: E402
 from blue_plugin.datafiles import DataFileError, resolve_data  # noqa: E402
 from blue_plugin.evaluation.metrics import answer_nll  # noqa: E402
