@@ -38,13 +38,13 @@ def _parse_layers(text: str) -> list[int]:
 
 
 def build_arg_parser():
-    """Arguments of ``python -m blue_plugin.stats.moments``."""
+    """Arguments of ``python -m blue_plugin.stats``."""
     p = argparse.ArgumentParser(
-        prog="python -m blue_plugin.stats.moments",
+        prog="python -m blue_plugin.stats",
         description=(
             "Precompute the key second moments C_0 that a BLUE config needs, into the cache the "
             "editing engine reads. Runs in one process, or sharded over processes and nodes under "
-            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats.moments --hparams ...`)."
+            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats --hparams ...`)."
         ),
     )
     p.add_argument("--hparams", required=True, help="BLUE YAML config (e.g. hparams/BLUE/smollm2-135m.yaml)")
@@ -75,7 +75,7 @@ def build_arg_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m blue_plugin.stats.moments``; returns the exit status.
+    """Entry point of ``python -m blue_plugin.stats``; returns the exit status.
 
     Under ``torchrun`` every process runs this; each takes its shard of the corpus, the sums are
     all-reduced and rank 0 writes the cache (see :mod:`blue_plugin.stats.distributed`).
