@@ -1,0 +1,68 @@
+"""Sequential batch editing benchmark (the BLUE paper's protocol), all methods side by side.
+
+Protocol: evaluate the unedited model once ("pre"); then, for each method, start from the
+unedited weights, edit the first N cases of the dataset in file order, B at a time, sequentially
+without restoring, and evaluate all N cases on the final model. Methods
+(:data:`benchmarks.common.METHODS`): MEMIT, RECT, PRUNE, AlphaEdit (``blue: false``, the original
+residual distribution) and their ``_BLUE`` variants (``blue: true``), all built from one YAML with
+only ``base_method`` / ``blue`` changed.
+
+Metrics (:mod:`~benchmarks.sequential.evaluate`), mean and 95% bootstrap interval. JSON values are
+fractions (fluency in bits); the markdown table shows them x100 as the paper does.
+
+Costs (:mod:`~benchmarks.sequential.costs`): wall time of the key-statistics pass (first call of
+the run: computed, or read from the disk cache; a second, cached call; optionally a forced cold
+pass), wall time of every batch edit (and its targets / keys / update parts), target-optimisation
+steps per edited layer, peak RSS.
+
+Resumable (:mod:`~benchmarks.sequential.checkpoints`): after every batch the method's
+:class:`blue_plugin.editing.session.EditSession` is saved under ``OUT/progress/<METHOD>/``;
+running the same command again continues where it stopped and ends with the same result. A
+finished method is kept in ``OUT/progress/<METHOD>/done.json``.
+
+Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequential.plots`):
+``results.json`` (config, versions, machine, per-case scores, summaries, costs), ``table.md``
+(methods as rows, metrics as columns, "pre" first), ``steps_per_layer.png`` and, with
+``--eval-every``, ``metrics_vs_edits.png``. ``--compare DIR1 DIR2 ... --out DIR`` merges runs
+into ``comparison.md`` / ``comparison.json``.
+
+From Python: ``run_benchmark(SequentialConfig(data=..., methods=..., n=..., batch_size=...),
+model=..., tok=...)``; the fields may also be given as keywords of :func:`run_benchmark`.
+
+Examples::
+
+    python -m benchmarks.sequential --data counterfact \\
+        --methods MEMIT,MEMIT_BLUE --n 20 --batch-size 5 --seed 0 --out /tmp/seq-cf
+    python -m benchmarks.sequential --data zsre \\
+        --methods AlphaEdit,AlphaEdit_BLUE --n 200 --batch-size 20 --eval-every 40 --out /tmp/seq-zsre \\
+        --model /models/smollm2-hf --device cuda
+    python -m benchmarks.sequential --compare /tmp/seq-cf /tmp/seq-zsre --out /tmp/seq-all
+"""
+from benchmarks.common import (
+    DEFAULT_HPARAMS,
+    DEFAULT_MODEL,
+    METHODS,
+    build_base_hparams,
+    method_hparams,
+    parse_methods,
+    parse_overrides,
+)
+from benchmarks.sequential.checkpoints import SessionCheckpoints
+from benchmarks.sequential.cli import build_parser, config_from_args, main
+from benchmarks.sequential.config import CF_FORMATS, METRIC_LABELS, RESULTS_FILE, SequentialConfig
+from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
+from benchmarks.sequential.evaluate import evaluate_cases, summarize
+from benchmarks.sequential.plots import make_plots
+from benchmarks.sequential.report import blue_vs_base, compare_runs, diff_cell, render_table
+from benchmarks.sequential.run import BenchmarkInterrupted, run_benchmark
+
+#: the name the tests use for :func:`~benchmarks.sequential.report.diff_cell`
+_diff_cell = diff_cell
+
+__all__ = [
+    "DEFAULT_HPARAMS", "DEFAULT_MODEL", "METHODS", "build_base_hparams", "method_hparams", "parse_methods",
+    "parse_overrides", "SessionCheckpoints", "build_parser", "config_from_args", "main", "CF_FORMATS",
+    "METRIC_LABELS", "RESULTS_FILE", "SequentialConfig", "batch_costs", "prepare_statistics", "steps_per_layer",
+    "evaluate_cases", "summarize", "make_plots", "blue_vs_base", "compare_runs", "diff_cell", "render_table",
+    "BenchmarkInterrupted", "run_benchmark",
+]

@@ -1,0 +1,117 @@
+"""Resumable progress of a sequential run, under ``OUT/progress/``.
+
+``config.json`` holds the identity of the run (its hash): a folder holding progress of another
+configuration is refused. Per method, ``<METHOD>/session/`` is a saved
+:class:`blue_plugin.editing.session.EditSession` (edited matrices and sequential state) and
+``<METHOD>/progress.json`` the benchmark's own bookkeeping (wall times, curve); a finished method
+is kept in ``<METHOD>/done.json``. Files that hold one-off measurements of the first invocation
+(``statistics.json``, ``pre.json``) are read back instead of measured again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from benchmarks.common import jsonable, read_json, write_json
+
+logger = logging.getLogger("benchmarks.sequential")
+
+#: configuration keys that are informational (names and paths); identity is content
+INFORMATIONAL = ("data", "model", "hparams_file")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """16 hex digits of the sha256 of the configuration's content (without :data:`INFORMATIONAL`)."""
+    content = {k: v for k, v in config.items() if k not in INFORMATIONAL}
+    return hashlib.sha256(json.dumps(jsonable(content), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_progress(out: Path, config: dict[str, Any], restart: bool) -> tuple[Path, str]:
+    """The progress folder of ``out`` for ``config`` and the configuration's hash; a new folder
+    records the configuration, an existing one must hold the same (else ValueError)."""
+    chash = config_hash(config)
+    prog_dir = out / "progress"
+    if restart and prog_dir.exists():
+        shutil.rmtree(prog_dir)
+    cfg_file = prog_dir / "config.json"
+    if cfg_file.is_file():
+        old = read_json(cfg_file)
+        if old.get("hash") != chash:
+            stored = old.get("config", {})
+            diff = sorted(k for k in set(config) | set(stored)
+                          if k not in INFORMATIONAL and jsonable(config.get(k)) != stored.get(k))
+            raise ValueError(
+                f"{str(out)!r} holds progress of a different run (differs in {diff}); pass --restart "
+                "(restart=True) to discard it, or choose another --out"
+            )
+        logger.info("resuming the run in %s", out)
+    else:
+        write_json(cfg_file, {"hash": chash, "config": config})
+    return prog_dir, chash
+
+
+def measured_once(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """What ``path`` holds; else ``measure()``, written there first."""
+    if path.is_file():
+        return read_json(path)
+    value = measure()
+    write_json(path, value)
+    return value
+
+
+class SessionCheckpoints:
+    """Per-method progress with :class:`blue_plugin.editing.session.EditSession` (``save`` /
+    ``load``); the benchmark's own bookkeeping (wall times, curve) goes to ``progress.json`` next
+    to it."""
+
+    kind = "EditSession"
+
+    def __init__(self, folder: Path, model, tok, hp):
+        self.folder, self.model, self.tok, self.hp = folder, model, tok, hp
+        self.session_dir = folder / "session"
+        self.session = None
+
+    def resume(self) -> Optional[dict[str, Any]]:
+        """Load the saved session onto the (unedited) model, or start a new one (then None).
+        Returns ``batches_done``, ``batch_wall_s`` and ``curve`` of the saved progress."""
+        from blue_plugin.editing.session import EditSession
+
+        if not (self.session_dir / "manifest.json").is_file():
+            if (self.folder / "checkpoint.json").is_file():
+                logger.warning("%s holds progress in the removed local checkpoint format; this method starts "
+                               "again from its first batch", self.folder)
+            self.session = EditSession(self.model, self.tok, self.hp, undo_depth=0)
+            return None
+        self.session = EditSession.load(self.session_dir, self.model, self.tok, self.hp, undo_depth=0)
+        done = int(self.session.n_batches)
+        prog_file = self.folder / "progress.json"
+        prog = read_json(prog_file) if prog_file.is_file() else {}
+        if prog.get("batches_done") != done:  # interrupted between the two writes of save()
+            logger.warning("progress.json is out of step with the saved session (%s vs %d batches); "
+                           "using the session", prog.get("batches_done"), done)
+        wall = list(prog.get("batch_wall_s", []))[:done]
+        wall += [float(r["time"].get("total", 0.0)) for r in self.session.state.history[len(wall):done]]
+        curve = [c for c in prog.get("curve", []) if c["n_edits"] <= done * self.hp.batch_size]
+        return {"batches_done": done, "batch_wall_s": wall, "curve": curve}
+
+    def apply(self, requests: list[dict]) -> None:
+        self.session.edit(requests)
+
+    def save(self, progress: dict[str, Any]) -> None:
+        self.session.save(self.session_dir)
+        write_json(self.folder / "progress.json", progress)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.session_dir, ignore_errors=True)

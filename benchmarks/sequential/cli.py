@@ -1,0 +1,93 @@
+"""``python -m benchmarks.sequential``: the command line of the sequential benchmark."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, METHODS, REPO_ROOT, parse_overrides
+from benchmarks.sequential.config import CHECKPOINT_CHOICES, DTYPES, SequentialConfig
+from benchmarks.sequential.report import compare_runs, render_table
+from benchmarks.sequential.run import run_benchmark
+
+DESCRIPTION = "Sequential batch editing benchmark (the BLUE paper's protocol), all methods side by side."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sequential", description=DESCRIPTION,
+                                epilog="Methods: " + ", ".join(METHODS))
+    p.add_argument("--data", help="dataset JSON (CounterFact EasyEdit/ROME format, or zsRE; format detected), or a "
+                   "dataset name: counterfact, zsre (found via $BLUE_PLUGIN_DATA or the cache, else downloaded)")
+    p.add_argument("--methods", help="comma-separated, e.g. MEMIT,MEMIT_BLUE,AlphaEdit,AlphaEdit_BLUE")
+    p.add_argument("--n", type=int, help="number of edits (the first N cases of the file)")
+    p.add_argument("--batch-size", type=int, help="edits per batch B")
+    p.add_argument("--seed", type=int, default=0, help="seed (RNGs, context prefixes, bootstrap); default 0")
+    p.add_argument("--out", required=True, help="output folder (also holds the resumable progress)")
+    p.add_argument("--hparams", default=None, help=f"YAML (default {DEFAULT_HPARAMS.relative_to(REPO_ROOT)})")
+    p.add_argument("--model", default=None, help=f"embedded model name or local HF folder (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="move the model here, e.g. cuda, cuda:1, cpu (default: where it loads, the CPU)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="model dtype (default: checkpoint's)")
+    p.add_argument("--mom2-n-samples", type=int, default=None, help="override mom2_n_samples (documents for C0)")
+    p.add_argument("--steps", type=int, default=None, help="override v_num_grad_steps")
+    p.add_argument("--stats-dir", default=None, help="override stats_dir (cache of the key statistics)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any hyperparameter of the YAML (value parsed as YAML), e.g. --set L2=80; repeatable")
+    p.add_argument("--fluency-tokens", type=int, default=100, help="new tokens per greedy generation (0: no fluency); default 100")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate the edited-so-far cases every K edits (curve plot)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per forward pass in evaluation")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate() call for fluency")
+    p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the saved sessions of finished methods")
+    p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
+    p.add_argument("--checkpoints", default="session", choices=list(CHECKPOINT_CHOICES),
+                   help="progress format: blue_plugin.editing.session.EditSession (the only one; 'auto' means the "
+                        "same, the former 'local' format was removed)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="merge earlier runs into one table in --out")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SequentialConfig:
+    """The :class:`SequentialConfig` of parsed command-line arguments."""
+    return SequentialConfig(
+        data=args.data, methods=args.methods, n=args.n, batch_size=args.batch_size, seed=args.seed,
+        out=args.out, hparams=args.hparams, model_name=args.model, device=args.device, dtype=args.dtype,
+        mom2_n_samples=args.mom2_n_samples, steps=args.steps, stats_dir=args.stats_dir,
+        overrides=parse_overrides(args.set),
+        fluency_tokens=args.fluency_tokens, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        gen_batch_size=args.gen_batch_size, measure_cold_stats=args.measure_cold_stats,
+        keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
+        plots=not args.no_plots, checkpoints=args.checkpoints,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.compare:
+        res = compare_runs(args.compare, args.out)
+        print(res["table"])
+        print(f"wrote {res['paths']['table']} and {res['paths']['json']}")
+        return 0
+    missing = [f"--{k.replace('_', '-')}" for k in ("data", "methods", "n", "batch_size") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (needed unless --compare is given)")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    try:
+        res = run_benchmark(config_from_args(args))
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(render_table(res))
+    for k, v in res["paths"].items():
+        print(f"{k}: {v}")
+    return 0

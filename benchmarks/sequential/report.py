@@ -1,0 +1,152 @@
+"""Tables of sequential runs: ``table.md`` of one run (metrics with 95% intervals, BLUE minus its
+base method, costs) and ``comparison.md`` of several."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from benchmarks.common import read_json, write_json
+from benchmarks.sequential.config import CF_FORMATS, METRIC_LABELS, RESULTS_FILE
+
+
+def metric_keys(fmt: str) -> list[str]:
+    return list(METRIC_LABELS) if fmt in CF_FORMATS else ["efficacy", "generalization", "specificity"]
+
+
+def cell(s: Optional[dict[str, Any]]) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    return f"{100 * s['mean']:.1f} [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
+
+
+def steps_cell(costs: dict[str, Any]) -> str:
+    spl = costs.get("steps_per_layer") or {}
+    return ", ".join(f"L{l}: {v['mean']:.1f}" for l, v in sorted(spl.items(), key=lambda kv: int(kv[0]))) or "n/a"
+
+
+def fmt_s(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[str, dict[str, Any]]]:
+    """For every method X run together with X_BLUE: per metric, the mean over cases of the
+    per-case difference (X_BLUE - X) with a 95% percentile bootstrap interval (cases resampled
+    together, seeded with the run's seed), and how many cases entered (both scored).
+
+    Returns ``{X: {metric: {"mean", "ci_low", "ci_high", "n"}}}`` (fractions; fluency in bits).
+    """
+    from blue_plugin.evaluation.metrics import bootstrap_ci
+
+    methods = result["methods"]
+    seed = int(result.get("config", {}).get("seed", 0))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for base in methods:
+        if base.endswith("_BLUE") or f"{base}_BLUE" not in methods:
+            continue
+        a = {s["case_id"]: s for s in methods[base]["scores"]}
+        b = {s["case_id"]: s for s in methods[f"{base}_BLUE"]["scores"]}
+        per: dict[str, dict[str, Any]] = {}
+        for key in METRIC_LABELS:
+            d = [float(b[c][key]) - float(a[c][key]) for c in a
+                 if c in b and a[c].get(key) is not None and b[c].get(key) is not None]
+            if d:
+                mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+                per[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(d)}
+        out[base] = per
+    return out
+
+
+def diff_cell(s: Optional[dict[str, Any]]) -> str:
+    if not s:
+        return "n/a"
+    return f"{100 * s['mean']:+.1f} [{100 * s['ci_low']:+.1f}, {100 * s['ci_high']:+.1f}]"
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """Markdown: a header, the metrics table (methods as rows, "pre" first, x100 with 95% CIs) and
+    a cost table."""
+    cfg = result["config"]
+    keys = metric_keys(cfg["format"])
+    lines = [
+        f"## Sequential editing: {Path(cfg['data']).name} ({cfg['format']}), model {Path(str(cfg['model'])).name}",
+        "",
+        f"N = {cfg['n']} edits, batch size B = {cfg['batch_size']}, seed {cfg['seed']}; all N evaluated "
+        f"on the final model. Mean x100 with 95% bootstrap CI (fluency: bi/tri-gram entropy x100).",
+        "",
+        "| Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+        "| pre | " + " | ".join(cell(result["pre"]["summary"].get(k)) for k in keys) + " |",
+    ]
+    for name, m in result["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(m["summary"].get(k)) for k in keys) + " |")
+    diffs = result.get("blue_vs_base") or blue_vs_base(result)  # stored by run_benchmark; older results lack it
+    if diffs:
+        lines += ["", "BLUE minus its base method, paired over the same cases: mean x100 with 95% bootstrap CI "
+                  "(an interval that excludes 0 is a difference these cases resolve).", "",
+                  "| Base | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for base, d in diffs.items():
+            lines.append(f"| {base}_BLUE - {base} | " + " | ".join(diff_cell(d.get(k)) for k in keys) + " |")
+    st = result["costs"]["statistics"]
+    lines += [
+        "",
+        f"Key statistics ({st.get('n_samples')} docs of {Path(str(st.get('corpus'))).name}, layers "
+        f"{st.get('layers')}): first call {fmt_s(st.get('first_call_s'))} s ({st.get('source')}), "
+        f"cached {fmt_s(st.get('cached_s'))} s, cold {fmt_s(st.get('cold_s'))} s.",
+        "",
+        "| Method | s / batch (mean) | edit s (total) | targets / keys / update s | eval s | steps per layer (mean) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        c = m["costs"]
+        ph = c.get("phase_time_s", {})
+        lines.append(
+            f"| {name} | {fmt_s(c.get('batch_time_s_mean'))} | {fmt_s(c.get('edit_time_s_total'))} | "
+            f"{fmt_s(ph.get('targets'))} / {fmt_s(ph.get('keys'))} / {fmt_s(ph.get('update'))} | "
+            f"{fmt_s(c.get('eval_time_s'))} | {steps_cell(c)} | {c.get('peak_rss_mib')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """Merge the ``results.json`` of several runs into ``out/comparison.{md,json}``.
+
+    Rows are grouped by run (dataset, N, B, model); each group starts with its "pre" row.
+    """
+    if not dirs:
+        raise ValueError("--compare needs at least one run folder")
+    runs = []
+    for d in dirs:
+        p = Path(d)
+        f = p / RESULTS_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise ValueError(f"{str(d)!r} holds no {RESULTS_FILE}; pass output folders of earlier runs")
+        runs.append((str(d), read_json(f)))
+    keys = list(METRIC_LABELS)
+    lines = [
+        "## Sequential editing: comparison",
+        "",
+        "Mean x100 with 95% bootstrap CI; n/a where a metric does not apply.",
+        "",
+        "| Run | Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " | s / batch |",
+        "|---|---|" + "---|" * (len(keys) + 1),
+    ]
+    merged = []
+    for d, r in runs:
+        cfg = r["config"]
+        label = f"{Path(d).name}: {Path(cfg['data']).stem} N={cfg['n']} B={cfg['batch_size']}"
+        lines.append(f"| {label} | pre | " + " | ".join(cell(r["pre"]["summary"].get(k)) for k in keys) + " | |")
+        rows = {"run": d, "label": label, "config": cfg, "pre": r["pre"]["summary"], "methods": {}}
+        for name, m in r["methods"].items():
+            lines.append(f"| {label} | {name} | " + " | ".join(cell(m["summary"].get(k)) for k in keys)
+                         + f" | {fmt_s(m['costs'].get('batch_time_s_mean'))} |")
+            rows["methods"][name] = {"summary": m["summary"], "costs": {k: v for k, v in m["costs"].items()
+                                                                        if k not in ("batch_time_s", "batch_wall_s")}}
+        merged.append(rows)
+    table = "\n".join(lines) + "\n"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table, encoding="utf-8")
+    write_json(out / "comparison.json", {"runs": merged})
+    return {"table": table, "runs": merged,
+            "paths": {"table": str(out / "comparison.md"), "json": str(out / "comparison.json")}}

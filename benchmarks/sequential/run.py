@@ -1,0 +1,275 @@
+"""The sequential run: statistics, the unedited model's scores ("pre"), then every method from
+the unedited weights, batch by batch with a checkpoint after each, and the outputs."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    DEFAULT_HPARAMS,
+    DEFAULT_MODEL,
+    build_base_hparams,
+    cuda_peak_mib,
+    current_rss_mib,
+    machine_info,
+    method_hparams,
+    peak_rss_mib,
+    read_json,
+    reset_peak_rss,
+    resolve_data_arg,
+    versions,
+    write_json,
+)
+from benchmarks.sequential.checkpoints import SessionCheckpoints, measured_once, open_progress, sha256_file
+from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
+from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
+from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
+from benchmarks.sequential.plots import make_plots
+from benchmarks.sequential.report import blue_vs_base, render_table
+
+logger = logging.getLogger("benchmarks.sequential")
+
+
+class BenchmarkInterrupted(RuntimeError):
+    """Raised by an ``on_batch`` callback to stop a run after a checkpoint (used by tests)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def weights_digest(tensors: dict[int, torch.Tensor]) -> str:
+    """16 hex digits identifying the critical layers' weights (per-layer fingerprints)."""
+    from blue_plugin.editing.state import fingerprint
+
+    h = hashlib.sha256()
+    for l in sorted(tensors):
+        h.update(str(l).encode())
+        h.update(fingerprint(tensors[l]).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model(cfg: SequentialConfig, model, tok) -> tuple[Any, Any, str]:
+    """The run's model and tokenizer on ``cfg.device`` / ``cfg.dtype``, and its name."""
+    from blue_plugin.model.loading import load_model
+
+    if model is None:
+        name = cfg.model_name or DEFAULT_MODEL
+        model, tok = load_model(name, device=cfg.device, dtype=cfg.torch_dtype())
+        return model, tok, name
+    if cfg.device is not None:
+        model.to(cfg.device)
+    if cfg.dtype is not None:
+        model.to(cfg.torch_dtype())
+    return model, tok, str(getattr(model.config, "_name_or_path", "") or "<model object>")
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        from tqdm import tqdm
+    return tqdm
+
+
+def run_benchmark(
+    config: Optional[SequentialConfig] = None,
+    *,
+    model: Any = None,
+    tok: Any = None,
+    on_batch: Optional[Callable[[str, int], None]] = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Run the sequential editing benchmark of ``config`` and write its outputs to ``config.out``.
+
+    Args:
+        config: the run (:class:`SequentialConfig`); ``**fields`` are fields of it, given instead
+            (``run_benchmark(data=..., methods=..., n=..., batch_size=...)``) or changed in it.
+        model, tok: an already loaded model and tokenizer (e.g. a test fixture). Its weights must
+            be unedited; they are restored to their values at the start before this returns.
+            None: load ``config.model_name``.
+        on_batch: called as ``on_batch(method, batches_done)`` after each saved checkpoint, with
+            the model in its edited state (a test hook; raising stops the run, progress is kept).
+
+    Returns:
+        the content of ``out/results.json`` plus ``"paths"`` (the files written).
+
+    Raises:
+        ValueError: bad arguments, or ``out`` holding progress of a different configuration
+            (pass ``restart=True`` or another ``out``).
+    """
+    from blue_plugin.editing.editor import Editor
+    from blue_plugin.editing.state import get_state, reset_state
+    from blue_plugin.evaluation.data import load_cases
+
+    cfg = SequentialConfig(**fields) if config is None else config.replace(**fields)
+    method_list = cfg.validate()
+    if (model is None) != (tok is None):
+        raise ValueError("pass both model and tok, or neither (then the model is loaded by name)")
+    if model is not None and cfg.model_name is not None:
+        raise ValueError("pass either model/tok or model_name, not both")
+
+    t_run = time.perf_counter()
+    out = Path(cfg.out)
+    data_path = resolve_data_arg(cfg.data).resolve()
+    fmt, cases = load_cases(data_path, cfg.n)
+    base_hp = build_base_hparams(cfg.hparams, cfg.batch_size, cfg.seed, cfg.mom2_n_samples, cfg.steps,
+                                 cfg.stats_dir, cfg.overrides)
+    model, tok, model_name = _model(cfg, model, tok)
+    dev = next(model.parameters()).device
+    seed_everything(cfg.seed)
+
+    editor0 = Editor(model, tok, base_hp)
+    layers = list(base_hp.layers)
+    originals = {l: editor0.weight(l).detach().clone() for l in layers}
+    if any(ls.post_fp is not None for ls in get_state(model).layers.values()):
+        logger.warning("the model carries edits from earlier calls; the benchmark treats its current weights as unedited")
+    reset_state(model)
+
+    config = {
+        "data": str(data_path),
+        "data_sha256": sha256_file(data_path),
+        "format": fmt,
+        "n": cfg.n,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "model": model_name,
+        "model_weights_digest": weights_digest(originals),
+        "hparams_file": str(Path(cfg.hparams).resolve()) if cfg.hparams is not None else str(DEFAULT_HPARAMS),
+        "hparams": {k: v for k, v in base_hp.to_dict().items() if k not in ("base_method", "blue", "device", "stats_dir")},
+        "fluency_tokens": cfg.fluency_tokens,
+        "eval_every": cfg.eval_every,
+        "eval_batch_size": cfg.eval_batch_size,
+    }
+    prog_dir, chash = open_progress(out, config, cfg.restart)
+    logger.info("checkpoints: blue_plugin.editing.session.EditSession")
+
+    def evaluate(sub_cases, loc) -> list[dict[str, Any]]:
+        return evaluate_cases(model, tok, fmt, sub_cases, loc, cfg.fluency_tokens, cfg.eval_batch_size,
+                              cfg.gen_batch_size)
+
+    def pre_scores() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        loc = pre_locality(model, tok, fmt, cases, cfg.eval_batch_size)
+        scores = evaluate(cases, loc)
+        return {"scores": scores, "summary": summarize(scores, cfg.seed), "pre_locality": loc,
+                "eval_time_s": time.perf_counter() - t0}
+
+    def restore() -> None:
+        editor0.restore(originals)
+        reset_state(model)
+
+    method_results: dict[str, dict[str, Any]] = {}
+    try:
+        reset_peak_rss()
+        stats_info = prepare_statistics(editor0, base_hp, cfg.measure_cold_stats, cfg.progress)
+        stats_info["peak_rss_mib"] = peak_rss_mib()
+        # the first invocation's timing is the one to report
+        stats_first = measured_once(prog_dir / "statistics.json", lambda: stats_info)
+        pre = measured_once(prog_dir / "pre.json", pre_scores)
+        pre_peak = peak_rss_mib()  # statistics + pre evaluation
+        for method in method_list:
+            done_file = prog_dir / method / "done.json"
+            if done_file.is_file():
+                logger.info("%s: already finished in an earlier invocation", method)
+                method_results[method] = read_json(done_file)
+                continue
+            restore()
+            seed_everything(cfg.seed)
+            hp = method_hparams(base_hp, method)
+            ckpt = SessionCheckpoints(prog_dir / method, model, tok, hp)
+            reset_peak_rss()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            wall, curve = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch)
+            t0 = time.perf_counter()
+            scores = evaluate(cases, pre.get("pre_locality"))
+            eval_s = time.perf_counter() - t0
+            summary = summarize(scores, cfg.seed)
+            if cfg.eval_every is not None:
+                curve.append({"n_edits": cfg.n, "summary": summary})
+            history = get_state(model).history
+            costs = batch_costs(history, wall)
+            costs.update(steps_per_layer=steps_per_layer(history, hp.v_num_grad_steps), eval_time_s=eval_s,
+                         peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib())
+            write_json(done_file, {
+                "method": method, "base_method": hp.base_method, "blue": hp.blue, "edit_layers": hp.edit_layers,
+                "summary": summary, "scores": scores, "curve": curve, "costs": costs, "history": history,
+                "checkpoints": ckpt.kind,
+            })
+            if not cfg.keep_checkpoints:
+                ckpt.cleanup()
+            method_results[method] = read_json(done_file)  # same (JSON) form as a resumed method
+            logger.info("%s: %s", method, {k: v["mean"] for k, v in summary.items()})
+    finally:
+        restore()
+
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "sequential",
+        "config": config | {"methods": method_list, "device": str(dev),
+                            "dtype": str(next(model.parameters()).dtype), "stats_dir": base_hp.stats_dir},
+        "config_hash": chash,
+        "versions": versions(),
+        "machine": machine_info(),
+        "metrics": list(METRIC_LABELS),
+        "scale_note": "values are fractions (fluency: entropy in bits); tables show x100",
+        "pre": {"summary": pre["summary"], "scores": pre["scores"], "eval_time_s": pre.get("eval_time_s")},
+        "methods": method_results,
+        "costs": {"statistics": stats_first,
+                  "statistics_this_invocation": stats_info,
+                  "peak_rss_mib_max": max([pre_peak] + [m["costs"]["peak_rss_mib"] for m in method_results.values()]),
+                  "current_rss_mib": current_rss_mib(),
+                  "invocation_wall_s": time.perf_counter() - t_run},
+    }
+    result["blue_vs_base"] = blue_vs_base(result)
+    paths = {"results": str(write_json(out / RESULTS_FILE, result))}
+    (out / "table.md").write_text(render_table(result), encoding="utf-8")
+    paths["table"] = str(out / "table.md")
+    if cfg.plots:
+        paths.update(make_plots(result, out))
+    result["paths"] = paths
+    return result
+
+
+def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, cases, evaluate, pre_loc,
+                  on_batch) -> tuple[list[float], list[dict[str, Any]]]:
+    """Edit ``cases`` batch by batch from where ``ckpt`` left off, saving after each batch and
+    evaluating the cases edited so far every ``cfg.eval_every`` edits. Returns the per-batch wall
+    times and the curve of intermediate summaries."""
+    n, bs = cfg.n, cfg.batch_size
+    n_batches = (n + bs - 1) // bs
+    meta = ckpt.resume()
+    start = int(meta["batches_done"]) if meta else 0
+    wall: list[float] = list(meta["batch_wall_s"]) if meta else []
+    curve: list[dict[str, Any]] = list(meta["curve"]) if meta else []
+    if meta:
+        logger.info("%s: resuming after batch %d of %d", method, start, n_batches)
+    bar = _tqdm()(total=n_batches, initial=start, desc=method, unit="batch", disable=not cfg.progress)
+    try:
+        for b in range(start, n_batches):
+            t0 = time.perf_counter()
+            ckpt.apply([c.to_request() for c in cases[b * bs:(b + 1) * bs]])
+            wall.append(time.perf_counter() - t0)
+            done = min(n, (b + 1) * bs)
+            every = cfg.eval_every
+            if every is not None and done // every > (b * bs) // every and done < n:
+                sc = evaluate(cases[:done], pre_loc[:done] if pre_loc else None)
+                curve.append({"n_edits": done, "summary": summarize(sc, cfg.seed)})
+            ckpt.save({"method": method, "batches_done": b + 1, "batch_wall_s": wall, "curve": curve})
+            bar.update(1)
+            bar.set_postfix(edits=done, s_per_batch=f"{wall[-1]:.1f}")
+            if on_batch is not None:
+                on_batch(method, b + 1)
+    finally:
+        bar.close()
+    return wall, curve
