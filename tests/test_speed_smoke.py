@@ -202,7 +202,7 @@ def test_speed_bad_data_is_reported(tiny_setup, tmp_path):
 def test_peak_rss_one_process_per_configuration(tiny_setup, tmp_path):
     """benchmarks.peak_rss: each (method, chunk) runs in its own process and reports a peak at
     least as large as the model-loaded RSS, the steps of the edited layers and a table row."""
-    from benchmarks import peak_rss
+    from benchmarks.checks import peak_rss
 
     root = tiny_setup
     res = peak_rss.run(["MEMIT", "AlphaEdit_BLUE"], [16, 64], 2, tmp_path / "out", model=str(root / "model"),
@@ -220,7 +220,7 @@ def test_peak_rss_one_process_per_configuration(tiny_setup, tmp_path):
 
 @pytest.mark.parametrize("bad", ["MEMITX", "ROME_BLUE"])
 def test_peak_rss_rejects_unknown_methods(bad, tmp_path):
-    from benchmarks import peak_rss
+    from benchmarks.checks import peak_rss
 
     with pytest.raises(ValueError, match="unknown method"):
         peak_rss.run([bad], [16], 1, tmp_path, model="x", hparams="x", data="x", threads=1, overrides={})
