@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.speed_combine import combine, main
+from benchmarks.speed.combine import combine, main
 
 
 def _entry(system, method, b, seconds):
