@@ -44,22 +44,6 @@ IGNORED_EASYEDIT_KEYS = ("P_loc", "fp16")
 DEFAULTED_YAML_KEYS = ("base_method", "blue")
 
 
-def _easyedit_base() -> type:
-    """EasyEdit's HyperParams when EasyEdit is available (see :mod:`blue_plugin.integrations.easyedit_import`),
-    else a small stand-in, so EasyEdit code that checks ``isinstance(hp, HyperParams)`` works."""
-    from .integrations.easyedit_import import easyedit_hyperparams_base
-
-    base = easyedit_hyperparams_base()
-    return base if base is not None else _StandaloneHyperParams
-
-
-class _StandaloneHyperParams:
-    """Used as base class when EasyEdit is not importable."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[arg-type]
-
-
 def _f(default: Any, help: str, kind: Any, **kw: Any) -> Any:
     """A dataclass field with help text and the accepted Python type(s) in metadata."""
     if isinstance(default, (list, dict)):
@@ -72,13 +56,16 @@ _OPT_STR, _OPT_BOOL = (str, type(None)), (bool, type(None))
 
 
 @dataclass
-class BLUEHyperParams(_easyedit_base()):  # type: ignore[misc]
+class BLUEHyperParams:
     """Hyperparameters of a BLUE (or original locate-then-edit) edit.
 
     ``layers`` are the critical layers. With ``blue: true`` only ``layers[0]`` and ``layers[-1]``
     are updated, each with a residual computed directly at that layer. With ``blue: false`` the
     target is computed at ``layers[-1]`` and its residual spread over all layers (the original
     method).
+
+    The class knows nothing of EasyEdit; :func:`blue_plugin.integrations.easyedit.register_with_easyedit`
+    hands EasyEdit a subclass that also derives from EasyEdit's ``HyperParams``.
     """
 
     # --- what to run ---------------------------------------------------------------------

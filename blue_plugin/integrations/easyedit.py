@@ -12,6 +12,9 @@ hard-coded lists of algorithm names. :func:`register_with_easyedit` imports Easy
 * ``BaseEditor.__init__`` sets the tokenizer's padding side from literal name lists; the wrapper
   builds a BLUE editor exactly as a MEMIT editor (the original ``__init__`` runs with
   ``hparams.alg_name`` temporarily ``"MEMIT"``), then points it back at BLUE;
+* ``BaseEditor`` receives BLUE hyperparameters as :func:`easyedit_hparams_class` (BLUEHyperParams
+  that also derives from EasyEdit's ``HyperParams``; :class:`BLUEHyperParams` itself knows nothing
+  of EasyEdit);
 * weight restore (``editors/utils.py``): MEMIT/AlphaEdit use the default path (copy
   ``weights_copy`` back); BLUE needs nothing but not being in the special restore sets, which is
   checked.
@@ -46,6 +49,8 @@ __all__ = [
     "EASYEDIT_ROOT_ENV",
     "EasyEditModel",
     "apply_blue_easyedit",
+    "easyedit_hparams",
+    "easyedit_hparams_class",
     "easyedit_hyperparams_base",
     "easyedit_root",
     "import_easyeditor",
@@ -152,6 +157,50 @@ def with_model(hparams, model, tok, name: Optional[str] = None):
 
 
 # ------------------------------------------------------------------------------------------------
+# The hyperparameter class EasyEdit receives
+# ------------------------------------------------------------------------------------------------
+_EASYEDIT_CLASSES: dict[type, type] = {}
+
+
+def _hyperparams_class() -> Optional[type]:
+    """``easyeditor.util.hparams.HyperParams`` of the imported EasyEdit, or None."""
+    try:
+        from easyeditor.util.hparams import HyperParams  # type: ignore
+    except ImportError:  # pragma: no cover - older EasyEdit
+        return None
+    return HyperParams
+
+
+def easyedit_hparams_class(hyperparams_base: type) -> type:
+    """``EasyEditBLUEHyperParams(BLUEHyperParams, hyperparams_base)``: :class:`BLUEHyperParams`
+    (fields, validation, ``from_hparams``, ``to_dict``) that is also an EasyEdit ``HyperParams``;
+    one class per base class. ``BaseEditor`` receives BLUE hyperparameters as this class."""
+    cls = _EASYEDIT_CLASSES.get(hyperparams_base)
+    if cls is None:
+        doc = f"BLUEHyperParams that is also EasyEdit's {hyperparams_base.__module__}.{hyperparams_base.__qualname__}."
+        cls = type("EasyEditBLUEHyperParams", (BLUEHyperParams, hyperparams_base), {"__module__": __name__, "__doc__": doc})
+        _EASYEDIT_CLASSES[hyperparams_base] = cls
+    return cls
+
+
+def easyedit_hparams(hparams: BLUEHyperParams, hyperparams_base: Optional[type] = None) -> BLUEHyperParams:
+    """``hparams`` as an :func:`easyedit_hparams_class` instance with the same state (a shallow copy;
+    ``hparams`` itself when it already is one). ``hyperparams_base`` defaults to the HyperParams of
+    the imported EasyEdit (:func:`import_easyeditor`)."""
+    if hyperparams_base is None:
+        import_easyeditor()
+        hyperparams_base = _hyperparams_class()
+        if hyperparams_base is None:
+            raise ImportError("easyeditor.util.hparams.HyperParams not found in the imported EasyEdit")
+    cls = easyedit_hparams_class(hyperparams_base)
+    if isinstance(hparams, cls):
+        return hparams
+    new = shallow_copy(hparams)
+    new.__class__ = cls
+    return new
+
+
+# ------------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------------
 def _is_batchable_wrapper(original):
@@ -163,10 +212,12 @@ def _is_batchable_wrapper(original):
     return is_batchable_method
 
 
-def _init_wrapper(original, alg_dict: dict):
+def _init_wrapper(original, alg_dict: dict, hyperparams_base: Optional[type]):
     def __init__(self, hparams, *args: Any, **kwargs: Any) -> None:
         if getattr(hparams, "alg_name", None) != ALG_NAME:
             return original(self, hparams, *args, **kwargs)
+        if hyperparams_base is not None and isinstance(hparams, BLUEHyperParams):
+            hparams = easyedit_hparams(hparams, hyperparams_base)
         # Build the editor exactly as for MEMIT (model loading, padding side), then switch to BLUE.
         hparams.alg_name = _TEMPLATE_ALG
         try:
@@ -236,7 +287,7 @@ def register_with_easyedit(
     if getattr(init, _MARK, False):
         report["BaseEditor.__init__"] = "already"
     else:
-        base_editor.__init__ = _init_wrapper(init, ad_mod.ALG_DICT)
+        base_editor.__init__ = _init_wrapper(init, ad_mod.ALG_DICT, _hyperparams_class())
         report["BaseEditor.__init__"] = f"wrapped (BLUE is set up like {_TEMPLATE_ALG})"
 
     # 4. Weight restore: BLUE must take the default weights_copy path, as MEMIT/AlphaEdit do.
@@ -257,13 +308,12 @@ def register_with_easyedit(
         )
     report["restore"] = "default weights_copy path (as MEMIT/AlphaEdit)" if special else "n/a (no restore lists)"
 
-    # 5. Facts the user may want to know.
-    try:
-        from easyeditor.util.hparams import HyperParams  # type: ignore
-
-        report["BLUEHyperParams_is_EasyEdit_HyperParams"] = issubclass(BLUEHyperParams, HyperParams)
-    except Exception as exc:  # pragma: no cover - hparams module missing or broken
-        report["BLUEHyperParams_is_EasyEdit_HyperParams"] = f"unknown ({exc})"
+    # 5. Facts the user may want to know: the hyperparameter class BaseEditor receives for BLUE.
+    hyperparams_base = _hyperparams_class()
+    report["BLUEHyperParams_is_EasyEdit_HyperParams"] = (
+        issubclass(easyedit_hparams_class(hyperparams_base), hyperparams_base)
+        if hyperparams_base is not None else "unknown (easyeditor.util.hparams.HyperParams not found)"
+    )
     report["placeholders"] = last_placeholders()
     if verbose:
         logger.info("BLUE registered with EasyEdit: %s", report)
