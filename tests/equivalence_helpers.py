@@ -1,4 +1,4 @@
-"""Reference computations and EasyEdit glue for ``tests/test_equivalence.py``.
+"""Reference computations and EasyEdit glue for ``tests/integration/test_equivalence.py``.
 
 Two kinds of reference, both fed exactly the inputs the engine gets (model, tokenizer, requests,
 context prefixes with their groups, C0):

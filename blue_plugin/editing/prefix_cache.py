@@ -13,6 +13,7 @@ import inspect
 from typing import Optional
 
 import torch
+from transformers import DynamicCache
 
 from ..model.hooks import block_index, capture
 from .requests import Row, pad_rows
@@ -43,8 +44,6 @@ class PrefixCache:
     @torch.no_grad()
     def build(cls, model, block_name: str, rows: list[Row], pad_id: int, device, max_tokens: int,
               replay: bool) -> "PrefixCache":
-        from transformers import DynamicCache  # noqa: PLC0415
-
         edited = block_index(block_name)
         p_all = max(r.lookup for r in rows)
         s_all = max(len(r.ids) - r.lookup for r in rows)

@@ -19,7 +19,9 @@ import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
+import filelock
 import torch
+import safetensors.torch
 
 #: Version of the session directory layout; :func:`read_manifest` refuses other versions.
 SESSION_FORMAT_VERSION = 1
@@ -158,8 +160,6 @@ def write_session(directory: Path, tensors: dict[str, torch.Tensor], manifest: d
     """Write ``tensors`` and ``manifest`` (completed with the tensor file's name and sha256) to
     ``directory`` atomically, under a file lock, and delete the previous tensor file; return
     the manifest path."""
-    import filelock  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
 
     lock = filelock.FileLock(str(directory / ".session.lock"))
     with lock:
@@ -167,7 +167,7 @@ def write_session(directory: Path, tensors: dict[str, torch.Tensor], manifest: d
         path = directory / name
         tmp = directory / f".{name}.tmp"
         try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+            safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -212,7 +212,6 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 def read_tensors(directory: Path, manifest: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(weights, state_tensors)`` of the tensor file ``manifest`` names, after checking its
     sha256 and that it holds the weights the manifest lists."""
-    from safetensors.torch import load_file  # noqa: PLC0415
 
     tpath = directory / str(manifest["tensors_file"])
     if tpath.name != manifest["tensors_file"] or not tpath.is_file():
@@ -220,7 +219,7 @@ def read_tensors(directory: Path, manifest: dict[str, Any]) -> tuple[dict[str, t
     if sha256_file(tpath) != manifest["tensors_sha256"]:
         raise BLUESessionError(f"{str(tpath)!r} does not match the checksum in the manifest (corrupted or replaced); the session cannot be used")
     try:
-        tensors = load_file(str(tpath))
+        tensors = safetensors.torch.load_file(str(tpath))
     except Exception as e:  # safetensors raises several types for bad files
         raise BLUESessionError(f"{str(tpath)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     weights = {k[len(WEIGHT_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHT_PREFIX)}

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from ..model.hooks import add_delta, capture, replay_blocks, run_until
 from ..hparams import BLUEHyperParams
@@ -223,8 +224,6 @@ class _Chunk:
         keys/values of this chunk's rows (each step appends its own keys/values to it)."""
         if self.kv is None:
             return self.batch
-        from transformers import DynamicCache  # noqa: PLC0415
-
         prefix, index, p_max = self.kv
         cache = DynamicCache(ddp_cache_data=prefix.cache_data(index, p_max), config=model.config)
         return dict(self.batch, **{cache_kwarg(model): cache})

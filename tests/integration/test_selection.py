@@ -12,7 +12,7 @@ from blue_plugin.editing import selection as S
 from blue_plugin.editing.editor import Editor
 from blue_plugin.model.layout import resolve_layout
 from blue_plugin.editing.requests import prepare_requests
-from tests.test_analysis import hand_add, hand_h, hand_keys, hand_memit, spy_targets
+from tests.integration.test_analysis import hand_add, hand_h, hand_keys, hand_memit, spy_targets
 from tests.tiny import all_requests, changed_params, inject_prefixes, make_hparams, make_model, weights
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]

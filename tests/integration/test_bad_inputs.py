@@ -402,7 +402,7 @@ def test_yaml_without_base_method_warns_and_uses_default(env, caplog):
     assert "'base_method' is not set; using 'MEMIT'" in messages and "'blue' is not set; using True" in messages
 
 
-# ---- statistics cache: what tests/test_stats.py does not cover yet ----------------------------
+# ---- statistics cache: what tests/unit/test_stats.py does not cover yet ----------------------------
 
 _STATS_WORKER = r"""
 import json, sys, time
@@ -441,7 +441,7 @@ def test_two_processes_compute_statistics_once(env, tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n=200)
     names = ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     ready = [str(tmp_path / f"ready{i}") for i in range(2)]
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     run_env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     procs = []
     for i in range(2):

@@ -25,7 +25,7 @@ from blue_plugin.stats.process_group import shard_indices
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = (
     "the a an cat dog bird sat on mat ran fast slow red blue green house tree river city "
     "king queen paris france capital is of in and big small old new runs sees likes"

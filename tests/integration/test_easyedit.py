@@ -8,7 +8,7 @@ Two groups:
   restore sets) and check what registration does to them.
 * ``TestRealEasyEdit`` runs BLUE through the real ``BaseEditor`` on the embedded SmolLM2 on the
   CPU. It needs an EasyEdit checkout: ``EASYEDIT_ROOT=/path/to/EasyEdit python -m pytest
-  tests/test_easyedit.py`` (and EasyEdit's pip dependencies, see docs/easyedit.md); without
+  tests/integration/test_easyedit.py`` (and EasyEdit's pip dependencies, see docs/easyedit.md); without
   ``EASYEDIT_ROOT`` it is skipped.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from blue_plugin.integrations import easyedit as E
 from blue_plugin.datafiles import fetch_command, locate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
 CORPUS = locate("wordnet-glosses")
 CF_FILE = locate("counterfact")

@@ -15,7 +15,7 @@ import torch
 from blue_plugin.model import loading as models
 from blue_plugin.model.loading import default_cache_dir, embedded_model_dir, load_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- cache dir

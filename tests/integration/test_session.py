@@ -1,7 +1,7 @@
 """EditSession: all-or-nothing batches, undo, atomic save / verified load, resume after SIGKILL.
 
 Tiny random Llama models and the byte-level BPE tokenizer of :mod:`tests.tiny`. The resume test
-runs this module as a worker process (``python -m tests.test_session --worker <json>``).
+runs this module as a worker process (``python -m tests.integration.test_session --worker <json>``).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from tests.tiny import (
     write_corpus,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METHODS = ["MEMIT", "RECT", "PRUNE", "AlphaEdit"]
 BATCHES = [
     [REQUESTS[0]],
@@ -602,7 +602,7 @@ def _worker(cfg: dict) -> None:
 def _spawn(cfg: dict, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "tests.test_session", "--worker", json.dumps(cfg)],
+    return subprocess.Popen([sys.executable, "-m", "tests.integration.test_session", "--worker", json.dumps(cfg)],
                             cwd=str(REPO), env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
@@ -674,4 +674,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(json.loads(sys.argv[2]))
     else:
-        sys.exit("usage: python -m tests.test_session --worker '<json config>'")
+        sys.exit("usage: python -m tests.integration.test_session --worker '<json config>'")

@@ -18,7 +18,7 @@ import yaml
 
 from tests.tiny import make_llama, make_tokenizer, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CASES = [
     {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",

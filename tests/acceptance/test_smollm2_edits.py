@@ -30,7 +30,7 @@ from blue_plugin.evaluation.metrics import answer_nll
 from blue_plugin.editing.state import EditState
 from tests.tiny import restore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # found by blue_plugin.datafiles ($BLUE_PLUGIN_DATA, then the cache; never downloaded here); None if missing
 COUNTERFACT = locate("counterfact")
 CORPUS = locate("wordnet-glosses")

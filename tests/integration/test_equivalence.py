@@ -72,7 +72,7 @@ TOL_KEYS = 1e-5
 TOL_TARGETS = 1e-4
 TOL_WEIGHTS = 1e-4
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _glosses() -> Path | None:
