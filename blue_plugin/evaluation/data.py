@@ -37,7 +37,7 @@ FORMATS = ("counterfact", "counterfact_rome", "counterfact_templates", "zsre")
 
 #: 20 counterfactual facts written for this project (EasyEdit CounterFact format, each with a
 #: paraphrase and a neighbourhood prompt): the data-free main job and tests use them.
-BUILTIN_FACTS = Path(__file__).resolve().parent / "resources" / "counterfacts.json"
+BUILTIN_FACTS = Path(__file__).resolve().parents[1] / "resources" / "counterfacts.json"
 
 _ZSRE_KEYS = {"src", "alt", "answers", "rephrase", "loc", "loc_ans"}
 _TEMPLATES_KEYS = {"prompt", "subject", "fact_knowledge", "edited_knowledge"}

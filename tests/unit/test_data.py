@@ -149,3 +149,16 @@ def test_missing_key_and_list_fields():
                  locality_prompts=["p"], locality_answers=[])
     with pytest.raises(ValueError, match="target_new"):
         EditCase(case_id=1, prompt="A is", subject="A", target_new=" ", ground_truth=None)
+
+
+def test_builtin_facts_ship_with_the_package():
+    """The data-free main job's facts: 20 CounterFact-format cases, each with a paraphrase and a
+    neighbourhood prompt, subjects in their prompts, new objects different from the true ones."""
+    from blue_plugin.evaluation.data import BUILTIN_FACTS
+
+    fmt, cases = load_cases(BUILTIN_FACTS)
+    assert fmt == "counterfact" and len(cases) == 20
+    assert len({c.case_id for c in cases}) == 20
+    for c in cases:
+        assert c.subject in c.prompt and c.target_new != c.ground_truth
+        assert len(c.rephrase_prompts) == 1 and len(c.locality_prompts) == 1 and len(c.locality_answers) == 1
