@@ -213,7 +213,7 @@ def test_killed_conversion_process_does_not_break_later_loads(tmp_path):
     """SIGKILL a process mid-conversion: no target, lock released, next call succeeds."""
     target = tmp_path / "models" / "m-f32"
     code = (
-        "import time; from pathlib import Path; from blue_plugin import models\n"
+        "import time; from pathlib import Path; from blue_plugin.model import loading as models\n"
         "def slow(g, out):\n"
         "    (out / 'config.json').write_text('{}')\n"
         "    time.sleep(120)\n"
