@@ -17,3 +17,14 @@ class BLUEEditError(ValueError):
 
     When this is raised the model and the sequential state are exactly as before the batch.
     """
+
+
+class BLUEStatisticsError(ValueError):
+    """A statistics file is refused (unreadable, pickled, projection, count, shape, finite, symmetry...).
+
+    ``check`` names the check that failed; the message says why and what to do instead.
+    """
+
+    def __init__(self, message: str, check: str = ""):
+        super().__init__(message)
+        self.check = check

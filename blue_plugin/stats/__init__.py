@@ -5,7 +5,9 @@ Modules, bottom to top: ``sources`` (corpus files, hub corpora, WordNet; subsets
 the validated safetensors files and their lock), ``sampling`` (text sampled from the model),
 ``corpus`` (:func:`read_corpus`: every source and combinations), ``moments``
 (:func:`get_second_moments`: the means, from the cache or computed), ``process_group`` and
-``distributed`` (the pass spread over processes), ``cli`` (``python -m blue_plugin.stats``).
+``distributed`` (the pass spread over processes), ``importer`` (ROME / EasyEdit / AlphaEdit
+``layer_stats`` files checked and imported into the cache), ``cli`` (``python -m blue_plugin.stats``
+and its ``import`` subcommand).
 """
 from .accumulate import collect_second_moments
 from .cache import CACHE_FORMAT_VERSION, COMPARED_KEYS, TENSOR_KEY

@@ -1,7 +1,9 @@
 """Command line of the key statistics: ``python -m blue_plugin.stats`` (and the
 ``blue-plugin-stats`` script) precomputes C_0 for the layers a configuration edits, into the cache
 the editing engine reads, in one process or sharded under ``torchrun``
-(:mod:`blue_plugin.stats.distributed`)."""
+(:mod:`blue_plugin.stats.distributed`); ``python -m blue_plugin.stats import FILE ...`` checks a
+second-moment file of ROME / EasyEdit / AlphaEdit and imports it into that cache
+(:mod:`blue_plugin.stats.importer`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +17,12 @@ from typing import Sequence
 import torch
 
 from ..hparams import BLUEHyperParams
-from ..model.layout import resolve_layout
+from ..model.layout import find_module, resolve_layout
 from ..model.loading import default_cache_dir, load_model
 from .accumulate import MOM2_DTYPES
+from .cache import expected_d_in
 from .distributed import distributed_second_moments
+from .importer import DEFAULT_SYMMETRY_TOL, SOURCE_FORMATS, check_file, import_second_moment
 from .process_group import RankFailed, init_distributed
 from .sources import SUBSETS, check_positive_int
 
@@ -44,7 +48,9 @@ def build_arg_parser():
         description=(
             "Precompute the key second moments C_0 that a BLUE config needs, into the cache the "
             "editing engine reads. Runs in one process, or sharded over processes and nodes under "
-            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats --hparams ...`)."
+            "torchrun (e.g. `torchrun --nproc_per_node 2 -m blue_plugin.stats --hparams ...`). "
+            "`python -m blue_plugin.stats import FILE ...` imports a ROME / EasyEdit / AlphaEdit "
+            "layer_stats file instead (see `python -m blue_plugin.stats import --help`)."
         ),
     )
     p.add_argument("--hparams", required=True, help="BLUE YAML config (e.g. hparams/BLUE/smollm2-135m.yaml)")
@@ -80,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Under ``torchrun`` every process runs this; each takes its shard of the corpus, the sums are
     all-reduced and rank 0 writes the cache (see :mod:`blue_plugin.stats.distributed`).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import"]:
+        return import_main(argv[1:])
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -158,3 +167,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if info is not None and info.backend is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def build_import_parser():
+    """Arguments of ``python -m blue_plugin.stats import``."""
+    p = argparse.ArgumentParser(
+        prog="python -m blue_plugin.stats import",
+        description=(
+            "Check a second-moment file written by ROME's / EasyEdit's / AlphaEdit's layer_stats (.npz, or the "
+            "same state as a torch.save .pt) -- format, no pickles, sample count, shape against the module, "
+            "finiteness, symmetry -- and store its mean in the cache the editing engine reads, as the statistics "
+            "of the config's mom2_dataset / mom2_n_samples / mom2_max_length / mom2_dtype. AlphaEdit's "
+            "null_space_project.pt (projections, not covariances) is refused. A refused file writes nothing."
+        ),
+    )
+    p.add_argument("source", help="the file to import (.npz/.npy: numpy; .pt/.pth/.bin: torch)")
+    p.add_argument("--hparams", default=None,
+                   help="BLUE YAML config whose model and statistics settings the file will serve (needed to write)")
+    p.add_argument("--model", default=None, help="model name or local HF folder (default: the config's model_name)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--layer", type=int, default=None, help="layer the file belongs to (its rewrite module)")
+    where.add_argument("--module", default=None, help="module name instead, e.g. model.layers.4.mlp.down_proj")
+    p.add_argument("--d-in", type=int, default=None,
+                   help="key dimension to check against; without --hparams the file is only checked")
+    p.add_argument("--format", choices=list(SOURCE_FORMATS), default=None, help="source format (default: by suffix)")
+    p.add_argument("--corpus", default=None, help="corpus the file stands for (default: mom2_dataset)")
+    p.add_argument("--n-samples", type=int, default=None, help="documents it stands for (default: mom2_n_samples)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: mom2_max_length)")
+    p.add_argument("--mom2-dtype", choices=sorted(MOM2_DTYPES), default=None, help="(default: mom2_dtype)")
+    p.add_argument("--subset", choices=list(SUBSETS), default="random", help="document subset it stands for")
+    p.add_argument("--stats-dir", default=None,
+                   help="cache folder (default: the config's stats_dir, else <cache>/stats as the engine uses)")
+    p.add_argument("--symmetry-tol", type=float, default=DEFAULT_SYMMETRY_TOL,
+                   help=f"allowed max |C - C^T| relative to max |C| (default {DEFAULT_SYMMETRY_TOL:g})")
+    p.add_argument("--dtype", choices=sorted(_CLI_DTYPES), default=None,
+                   help="model dtype (default: the checkpoint's); bfloat16 halves the memory of a float32 "
+                        "checkpoint and gives the same cache file")
+    p.add_argument("--check-only", action="store_true", help="run every check against the model, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a local corpus is read to fingerprint it)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def import_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m blue_plugin.stats import``; 0 on success, 2 for a refused file or
+    a configuration problem (the message names the failed check or what to fix)."""
+    args = build_import_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        d_in = check_positive_int(args.d_in, "--d-in") if args.d_in is not None else None
+        if args.hparams is None:
+            if d_in is None:
+                raise ValueError("give --hparams with --layer or --module to import into the cache, "
+                                 "or --d-in to only check the file")
+            src, _, asym = check_file(args.source, d_in, args.format, args.symmetry_tol)
+            logger.info("%s passes every check (%s, %d tokens, %d x %d, max asymmetry %.3g); nothing written: "
+                        "give --hparams and --layer to import it", src.path, src.source_format, src.count, d_in,
+                        d_in, asym)
+            return 0
+        if args.layer is None and args.module is None:
+            raise ValueError("give --layer N or --module NAME: the module whose keys the file describes")
+        hp = BLUEHyperParams.from_hparams(args.hparams)
+        changes = {k: v for k, v in {
+            "model_name": args.model, "mom2_dataset": args.corpus, "mom2_n_samples": args.n_samples,
+            "mom2_max_length": args.max_length, "mom2_dtype": args.mom2_dtype}.items() if v is not None}
+        hp = hp.replace(**changes) if changes else hp
+        model, tok = load_model(hp.model_name, dtype=_CLI_DTYPES[args.dtype] if args.dtype else None)
+        name = args.module if args.module is not None else resolve_layout(model, hp).rewrite(args.layer)
+        actual = expected_d_in(find_module(model, name))
+        if d_in is not None and actual is not None and d_in != actual:
+            raise ValueError(f"--d-in {d_in} disagrees with the key dimension {actual} of {name}")
+        if args.check_only:
+            src, _, asym = check_file(args.source, actual if actual is not None else d_in, args.format,
+                                      args.symmetry_tol)
+            logger.info("%s passes every check for %s (%s, %d tokens, max asymmetry %.3g); nothing written",
+                        src.path, name, src.source_format, src.count, asym)
+            return 0
+        cache_dir = args.stats_dir or (hp.stats_dir if hp.stats_dir is not None else default_cache_dir() / "stats")
+        result = import_second_moment(
+            args.source, model, tok, name, corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
+            max_length=hp.mom2_max_length, cache_dir=cache_dir,
+            model_id=str(getattr(model.config, "_name_or_path", None) or hp.model_name),
+            mom2_dtype=hp.mom2_dtype, subset=args.subset, source_format=args.format,
+            symmetry_tol=args.symmetry_tol, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+        logger.info("%s -> %s (%d tokens)", name, result.path, result.count)
+        return 0
+    except ValueError as e:  # refused files (BLUEStatisticsError) and user-fixable settings
+        logger.error("%s", e)
+        return 2
