@@ -79,6 +79,9 @@ class BLUEHyperParams:
     dynamic_window: int = _f(1, "layer_selection=dynamic: how far each boundary may move inward.", _INT)
     dynamic_criterion: str = _f("residual_norm", f"layer_selection=dynamic: criterion, one of {DYNAMIC_CRITERIA}.", _STR)
     fact_token: str = _f("subject_last", f"Token whose representation is edited: {FACT_TOKENS}.", _STR)
+    use_chat_template: bool = _f(False, "Instruct models (EasyEdit's key): put each edit prompt (context prefix + prompt, "
+        "and the KL prompt) into the tokenizer's chat template as one user message with the generation prompt; the "
+        "target follows it. Measure with the same option (chat_template=True in blue_plugin.evaluation).", _BOOL)
 
     # --- target-value optimisation -------------------------------------------------------
     v_num_grad_steps: int = _f(25, "Maximum optimisation steps per target.", _INT)

@@ -3,6 +3,12 @@
 A request is a dict with ``prompt`` (the full prompt with the subject inside, or a template with
 ``{}`` for the subject), ``subject``, ``target_new`` (a string, or ROME's ``{"str": ...}``),
 optional ``ground_truth`` and ``case_id``. All checks run before the model is touched.
+
+With ``use_chat_template`` a request carries ``chat_template=True`` and every prompt built from it
+(context prefix + prompt, and the KL prompt) is wrapped as one user message of the tokenizer's chat
+template (:func:`blue_plugin.model.prompts.chat_span`); the subject's tokens are found inside the
+wrapped text and the target follows the generation prompt. ``max_length`` counts the prompt without
+the template's tokens.
 """
 from __future__ import annotations
 
@@ -13,12 +19,14 @@ import torch
 
 from ..errors import BLUERequestError
 from ..hparams import BLUEHyperParams
+from ..model.prompts import chat_span
 from ..model.tokens import encode_target
 
 
 @dataclass
 class EditRequest:
-    """A validated request. ``before`` + subject + ``after`` is the full prompt."""
+    """A validated request. ``before`` + subject + ``after`` is the full prompt; ``chat_template``:
+    its prompts are wrapped in the tokenizer's chat template (``use_chat_template``)."""
 
     index: int
     before: str
@@ -29,6 +37,7 @@ class EditRequest:
     ground_truth: str | None = None
     case_id: Any = None
     raw: dict = field(default_factory=dict, repr=False)
+    chat_template: bool = False
 
     @property
     def prompt(self) -> str:
@@ -102,23 +111,30 @@ def prepare_requests(tok, requests: Sequence[dict], hparams: BLUEHyperParams) ->
         if isinstance(gt, dict) and "str" in gt:
             gt = gt["str"]
         target_ids = encode_target(tok, target)
-        request = EditRequest(i, before, subject, after, target, target_ids, gt, case_id, dict(req))
+        request = EditRequest(i, before, subject, after, target, target_ids, gt, case_id, dict(req),
+                              chat_template=hparams.use_chat_template)
         n_prompt = len(tok(request.prompt)["input_ids"])
         if n_prompt + len(target_ids) > hparams.max_length:
             raise BLUERequestError(
                 f"request {i} (case_id={case_id!r}): prompt ({n_prompt} tokens) plus target ({len(target_ids)} tokens) "
                 f"exceeds max_length={hparams.max_length}; shorten them or raise max_length."
             )
-        # Tokenising here also checks that the subject has clean token boundaries.
+        # Tokenising here also checks that the subject has clean token boundaries (and, with the
+        # chat template, that the template has one and keeps the prompt as it is).
         encode_prompt(tok, "", request, hparams.fact_token)
         out.append(request)
     return out
 
 
 def encode_prompt(tok, prefix: str, request: EditRequest, fact_token: str) -> tuple[list[int], int]:
-    """Token ids of ``prefix + prompt`` and the position of the edited token."""
+    """Token ids of ``prefix + prompt`` (with ``request.chat_template``: that text as the user
+    message of the chat template, so that the prefix is part of the message, as in EasyEdit) and the
+    position of the edited token."""
     text = prefix + request.prompt
     s_start = len(prefix) + len(request.before)
+    if request.chat_template:
+        text, offset = chat_span(tok, text)
+        s_start += offset
     s_end = s_start + len(request.subject)
     enc = tok(text, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -154,7 +170,8 @@ def target_rows(tok, requests: Sequence[EditRequest], prefixes: Sequence[str], f
             ids, lookup = encode_prompt(tok, prefix, req, fact_token)
             rows.append(Row(ids + req.target_ids[:-1], lookup, j, target_start=len(ids), targets=req.target_ids))
     for j, req in enumerate(requests):
-        kl = EditRequest(req.index, "", req.subject, " is a", req.target_new, req.target_ids, case_id=req.case_id)
+        kl = EditRequest(req.index, "", req.subject, " is a", req.target_new, req.target_ids, case_id=req.case_id,
+                         chat_template=req.chat_template)
         ids, lookup = encode_prompt(tok, "", kl, fact_token if fact_token != "last" else "subject_last")
         rows.append(Row(ids, lookup, j))
     return rows

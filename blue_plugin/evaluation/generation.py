@@ -2,6 +2,11 @@
 
 Shared by the scores of :mod:`blue_plugin.evaluation.metrics`: :func:`inference` (no_grad and eval
 mode, the training flag restored) and :func:`check_batch_size`.
+
+With ``chat_template=True`` (keyword-only) each prompt is put into the tokenizer's chat template as
+one user message with the generation prompt (:func:`blue_plugin.model.prompts.format_prompt`), and
+the text returned and scored is the prompt followed by the model's reply (the template's own text,
+such as a system prompt, is left out).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from transformers import GenerationConfig
 from .data import EditCase
 from .summary import mean_or_none
 from ..model.devices import input_device
+from ..model.prompts import format_prompt
 from ..model.tokens import pad_token_id
 
 NGRAM_ORDERS = (2, 3)
@@ -84,7 +90,8 @@ def _eos_ids(model: torch.nn.Module, tok: Any) -> list[int]:
 
 
 def generate_greedy(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64,
+    *, chat_template: bool = False,
 ) -> list[str]:
     """Greedy continuation of each prompt, returned as the decoded prompt + continuation.
 
@@ -99,7 +106,7 @@ def generate_greedy(
     for p in prompts:
         if not isinstance(p, str):
             raise ValueError(f"prompts must be strings, got {p!r}")
-        ids = list(tok(p)["input_ids"])
+        ids = list(tok(format_prompt(tok, p, chat_template))["input_ids"])
         if not ids:
             raise ValueError(f"prompt {p!r} tokenises to no tokens; give a non-empty prompt")
         encoded.append(ids)
@@ -130,12 +137,17 @@ def generate_greedy(
                     if t in eos:
                         cont = cont[:j]
                         break
-                texts[i] = tok.decode(encoded[i] + cont, skip_special_tokens=True)
+                if chat_template:
+                    reply = tok.decode(cont, skip_special_tokens=True).strip()
+                    texts[i] = f"{prompts[i]} {reply}" if reply else prompts[i]
+                else:
+                    texts[i] = tok.decode(encoded[i] + cont, skip_special_tokens=True)
     return texts
 
 
 def fluency_scores(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100, batch_size: int = 64,
+    *, chat_template: bool = False,
 ) -> list[float]:
     """Weighted bi/tri-gram entropy (:func:`ngram_entropy`, bits) of the greedy generation per prompt.
 
@@ -143,16 +155,19 @@ def fluency_scores(
     (ROME scored prompt + generation too, but sampled with top-k 5 up to 100 tokens in total).
     A case's fluency is the mean over its generation prompts; tables report it x100.
     """
-    return [ngram_entropy(t) for t in generate_greedy(model, tok, prompts, max_new_tokens, batch_size)]
+    texts = generate_greedy(model, tok, prompts, max_new_tokens, batch_size, chat_template=chat_template)
+    return [ngram_entropy(t) for t in texts]
 
 
 def case_fluency(
-    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 64
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], max_new_tokens: int = 100, batch_size: int = 64,
+    *, chat_template: bool = False,
 ) -> list[float | None]:
     """Per case, the mean :func:`fluency_scores` over its ``generation_prompts`` (None if it has none).
 
     Repeated prompts are generated once (greedy decoding is deterministic) but keep their weight.
     """
     unique = list(dict.fromkeys(p for c in cases for p in c.generation_prompts))
-    scores = dict(zip(unique, fluency_scores(model, tok, unique, max_new_tokens, batch_size))) if unique else {}
+    flu = fluency_scores(model, tok, unique, max_new_tokens, batch_size, chat_template=chat_template) if unique else []
+    scores = dict(zip(unique, flu))
     return [mean_or_none([scores[p] for p in c.generation_prompts]) for c in cases]

@@ -5,6 +5,13 @@ is tokenised with the tokenizer's default special tokens (e.g. a BOS for Llama),
 ``" " + answer`` without special tokens, and the answer ids are appended to the prompt ids.
 Teacher-forced scores read the logits at positions ``len(prompt)-1 .. len(prompt)+len(answer)-2``.
 
+Instruct models (``chat_template=True``, keyword-only in every score; the evaluation side of the
+hyperparameter ``use_chat_template``): every prompt -- rewrite, paraphrase, neighbourhood and
+locality alike -- is put into the tokenizer's chat template as one user message with the generation
+prompt (:func:`blue_plugin.model.prompts.format_prompt`), and the answer follows it as above. An
+edit made with ``use_chat_template: true`` is measured with ``chat_template=True``. (EasyEdit's
+``test_prediction_acc`` wraps the rewrite and paraphrase prompts but leaves locality prompts bare.)
+
 CounterFact (per case, :func:`counterfact_case_scores`):
     * efficacy       = [NLL(o* | p) < NLL(o_true | p)], NLL = mean per-token negative log-likelihood
       (i.e. P(o*|p) > P(o_true|p) with per-token-normalised probabilities, as in ROME's code);
@@ -49,6 +56,7 @@ from .generation import (  # noqa: F401  (fluency is part of the metrics' public
 )
 from .summary import METRICS, bootstrap_ci, mean_or_none, summarize  # noqa: F401
 from ..model.devices import input_device
+from ..model.prompts import format_prompt
 from ..model.tokens import encode_target, pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -63,9 +71,10 @@ __all__ = [
 # tokenisation and batching helpers
 
 
-def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt`` (with default special tokens) and of the target as the engine encodes
-    it (:func:`blue_plugin.model.tokens.encode_target`: ``" " + target.strip()``, no special tokens).
+def encode_prompt_target(tok: Any, prompt: str, target: str, *, chat_template: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (with default special tokens; with ``chat_template`` wrapped as the
+    engine wraps it) and of the target as the engine encodes it
+    (:func:`blue_plugin.model.tokens.encode_target`: ``" " + target.strip()``, no special tokens).
 
     The model is scored on ``prompt_ids + target_ids``; the editing engine uses the same split.
 
@@ -77,7 +86,7 @@ def encode_prompt_target(tok: Any, prompt: str, target: str) -> tuple[list[int],
         raise ValueError(f"prompt and target must be strings, got {type(prompt).__name__} / {type(target).__name__}")
     if not target.strip():
         raise ValueError(f"empty answer for prompt {prompt!r}; every answer needs at least one token")
-    prompt_ids = list(tok(prompt)["input_ids"])
+    prompt_ids = list(tok(format_prompt(tok, prompt, chat_template))["input_ids"])
     target_ids = list(encode_target(tok, target))
     if not prompt_ids:
         raise ValueError(
@@ -102,7 +111,8 @@ def _check_pairs(prompts: Sequence[str], answers: Sequence[str], batch_size: int
 
 
 def _teacher_forced(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32,
+    chat_template: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Score each answer after its prompt in one teacher-forced pass.
 
@@ -115,7 +125,7 @@ def _teacher_forced(
         the model's top-1 token at that position.
     """
     _check_pairs(prompts, answers, batch_size)
-    encoded = [encode_prompt_target(tok, p, a) for p, a in zip(prompts, answers)]
+    encoded = [encode_prompt_target(tok, p, a, chat_template=chat_template) for p, a in zip(prompts, answers)]
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     results: list[Any] = [None] * len(encoded)
     device = input_device(model)
@@ -160,38 +170,41 @@ def _teacher_forced(
 
 
 def answer_nll(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32,
+    *, chat_template: bool = False,
 ) -> torch.Tensor:
     """Mean per-token negative log-likelihood of each answer after its prompt.
 
     Returns:
         float32 tensor ``[n]`` on the CPU (natural log).
     """
-    res = _teacher_forced(model, tok, prompts, answers, batch_size)
+    res = _teacher_forced(model, tok, prompts, answers, batch_size, chat_template)
     return torch.tensor([float(-lp.mean()) for lp, _, _ in res], dtype=torch.float32)
 
 
 def answer_token_accuracy(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32,
+    *, chat_template: bool = False,
 ) -> torch.Tensor:
     """Token-level top-1 accuracy of each answer under teacher forcing (zsRE efficacy).
 
     Returns:
         float32 tensor ``[n]``: fraction of answer tokens that are the model's argmax.
     """
-    res = _teacher_forced(model, tok, prompts, answers, batch_size)
+    res = _teacher_forced(model, tok, prompts, answers, batch_size, chat_template)
     return torch.tensor([float((am == t).float().mean()) for _, am, t in res], dtype=torch.float32)
 
 
 def answer_argmax_tokens(
-    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32,
+    *, chat_template: bool = False,
 ) -> list[list[int]]:
     """The model's top-1 token at each answer position under teacher forcing.
 
     Returns:
         ``n`` lists, each as long as its answer's token ids.
     """
-    return [am.tolist() for _, am, _ in _teacher_forced(model, tok, prompts, answers, batch_size)]
+    return [am.tolist() for _, am, _ in _teacher_forced(model, tok, prompts, answers, batch_size, chat_template)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +212,7 @@ def answer_argmax_tokens(
 
 
 def counterfact_case_scores(
-    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32, *, chat_template: bool = False
 ) -> list[dict[str, Any]]:
     """Efficacy, generalization and specificity of each CounterFact case (see the module docstring).
 
@@ -226,7 +239,8 @@ def counterfact_case_scores(
         neigh = [(slot(p, case.target_new), slot(p, a)) for p, a in zip(case.locality_prompts, case.locality_answers)]
         plan.append((rewrite, para, neigh))
     pairs = list(index)
-    nll = answer_nll(model, tok, [p for p, _ in pairs], [a for _, a in pairs], batch_size).tolist() if pairs else []
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    nll = answer_nll(model, tok, prompts, answers, batch_size, chat_template=chat_template).tolist() if pairs else []
 
     out = []
     for case, (rewrite, para, neigh) in zip(cases, plan):
@@ -253,18 +267,19 @@ def counterfact_case_scores(
 
 
 def zsre_locality_predictions(
-    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32
+    model: torch.nn.Module, tok: Any, cases: Sequence[EditCase], batch_size: int = 32, *, chat_template: bool = False
 ) -> list[list[list[int]]]:
     """Argmax tokens of the (unedited) model over each ``loc_ans`` after its ``loc`` prompt.
 
-    Call once on the unedited model; pass the result to :func:`zsre_case_scores`.
+    Call once on the unedited model, with the ``chat_template`` the edited model is scored with;
+    pass the result to :func:`zsre_case_scores`.
 
     Returns:
         per case, per locality prompt, the list of argmax token ids (one per answer token).
     """
     prompts = [p for c in cases for p in c.locality_prompts]
     answers = [a for c in cases for a in c.locality_answers]
-    flat = answer_argmax_tokens(model, tok, prompts, answers, batch_size) if prompts else []
+    flat = answer_argmax_tokens(model, tok, prompts, answers, batch_size, chat_template=chat_template) if prompts else []
     out, k = [], 0
     for c in cases:
         out.append(flat[k : k + len(c.locality_prompts)])
@@ -278,6 +293,8 @@ def zsre_case_scores(
     cases: Sequence[EditCase],
     pre_locality_predictions: Sequence[Sequence[Sequence[int]]],
     batch_size: int = 32,
+    *,
+    chat_template: bool = False,
 ) -> list[dict[str, Any]]:
     """Efficacy, generalization and specificity of each zsRE case (see the module docstring).
 
@@ -305,7 +322,7 @@ def zsre_case_scores(
         prompts += [case.prompt] + case.rephrase_prompts + case.locality_prompts
         answers += [case.target_new] * (1 + len(case.rephrase_prompts)) + case.locality_answers
         plan.append(start)
-    res = _teacher_forced(model, tok, prompts, answers, batch_size) if prompts else []
+    res = _teacher_forced(model, tok, prompts, answers, batch_size, chat_template) if prompts else []
 
     def acc(r: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
         return float((r[1] == r[2]).float().mean())
