@@ -17,16 +17,24 @@ those datasets, found via ``$BLUE_PLUGIN_DATA`` or the cache, else downloaded; s
   ``multi_counterfact.json``, ``rome_format_*.json``: ``requested_rewrite`` ...);
 * ``ZsRE``: MEND/EasyEdit zsRE (``zsre_mend_eval*.json``). EasyEdit's ``ZsreDataset`` drops the
   ``subject`` that locate-then-edit methods need, so the file is read directly, as EasyEdit's own
-  ``examples/run_AlphaEdit_editing.py`` does.
+  ``examples/run_AlphaEdit_editing.py`` does. A record's ``portability`` field (``New Question`` /
+  ``New Answer``) is passed as ``portability_inputs["one_hop"]``, as ``examples/run_zsre_llama2.py`` does;
+* ``counterfact`` / ``recent`` / ``zsre`` / ``wikibio`` (lower case, also spelt ``--datatype``): the
+  KnowEdit datasets, read as EasyEdit's ``examples/run_knowedit_llama2.py`` reads them, with its
+  portability (``Subject_Aliasing``, ``reasoning``, ``Logical_Generalization``) and locality
+  (``Relation_Specificity``, ``Forgetfulness``) inputs; see :mod:`blue_plugin.evaluation.knowedit`.
 
 ``--batch_size 1`` runs ``editor.edit`` (one request at a time), larger batches run
 ``editor.batch_edit``; ``--sequential_edit`` keeps the edits, otherwise EasyEdit restores the
 weights after each request / batch. The metrics are EasyEdit's (``compute_edit_quality``; its
-``summary_metrics`` is printed). ``--eval_final`` additionally re-evaluates every case on the
-final model after all edits (the paper's sequential-editing protocol).
+``summary_metrics`` is printed, then a table of rewrite, rephrase, locality and portability
+accuracy per phase, each averaged per case first as EasyEdit's KnowEdit example does).
+``--eval_final`` additionally re-evaluates every case on the final model after all edits (the
+paper's sequential-editing protocol).
 
 Writes ``<output_dir>/<model>_BLUE-<base>_<blue|orig>_N=<n>_B=<b>_seq=<bool>.json`` with the
-arguments, the hyperparameters, EasyEdit's per-case metrics and their summary.
+arguments, the hyperparameters, EasyEdit's per-case metrics, their summary per key (``summary``) and
+the table (``table``).
 """
 from __future__ import annotations
 
@@ -44,12 +52,27 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from blue_plugin.evaluation.knowedit import (  # noqa: E402  (after the sys.path line above)
+    KNOWEDIT_TYPES,
+    editor_inputs,
+    format_table,
+    knowedit_cases,
+    looks_like_knowedit,
+    summary_by_key as summarize,
+    summary_table,
+)
+
 logger = logging.getLogger("run_blue_editing")
 
 DEFAULT_FILES = {
     "CF": ("counterfact-edit.json", "counterfact.json", "counterfact/counterfact-edit.json"),
     "MCF": ("multi_counterfact.json", "counterfact/multi_counterfact.json"),
     "ZsRE": ("zsre_mend_eval.json", "zsre_mend_eval_portability_gpt4.json", "zsre/zsre_mend_eval_portability_gpt4.json"),
+    # KnowEdit (EasyEdit's examples/KnowEdit.md file layout)
+    "counterfact": ("test_cf.json", "wiki_counterfact/test_cf.json"),
+    "recent": ("recent_test.json", "wiki_recent/recent_test.json"),
+    "zsre": ("ZsRE-test-all.json", "ZsRE/ZsRE-test-all.json"),
+    "wikibio": ("wikibio-test-all.json", "WikiBio/wikibio-test-all.json"),
 }
 ACCEPTED_FORMATS = {"CF": ("counterfact", "counterfact_rome"), "MCF": ("counterfact", "counterfact_rome"), "ZsRE": ("zsre",)}
 
@@ -91,7 +114,8 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
     """Read ``path`` into the keyword arguments of ``BaseEditor.edit`` / ``batch_edit``.
 
     Returns a dict with ``prompts, target_new, ground_truth, subject, rephrase_prompts,
-    locality_inputs`` (one entry per case) and ``format`` / ``case_ids`` for the record.
+    locality_inputs, portability_inputs`` (one entry per case; the last None where the data has no
+    portability) and ``format`` / ``case_ids`` for the record.
     """
     from blue_plugin.evaluation.data import detect_format, records_to_cases
 
@@ -99,12 +123,18 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
         records = json.load(fh)
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of records.")
+    if ds_size is not None and ds_size <= 0:
+        raise ValueError(f"--ds_size must be positive, got {ds_size}.")
+    knowedit = looks_like_knowedit(records[0])
+    if (data_type in KNOWEDIT_TYPES) != knowedit:
+        raise ValueError(f"{path} {'is' if knowedit else 'is not'} KnowEdit data but --data_type is {data_type}: use "
+                         f"{'one of ' + ', '.join(KNOWEDIT_TYPES) if knowedit else 'CF, MCF or ZsRE'}.")
+    if data_type in KNOWEDIT_TYPES:
+        return {**editor_inputs(knowedit_cases(records, data_type, ds_size)), "format": f"knowedit_{data_type}"}
     fmt = detect_format(records)
     if fmt not in ACCEPTED_FORMATS[data_type]:
         raise ValueError(f"{path} is in the {fmt!r} format, which does not fit --data_type {data_type} (expects {ACCEPTED_FORMATS[data_type]}).")
     if ds_size is not None:
-        if ds_size <= 0:
-            raise ValueError(f"--ds_size must be positive, got {ds_size}.")
         records = records[:ds_size]
 
     if fmt == "counterfact":
@@ -126,26 +156,11 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
                     "ground_truth": [r["locality_ground_truth"] for r in records],
                 }
             },
+            "portability_inputs": None,
             "case_ids": [r.get("case_id", i) for i, r in enumerate(records)],
         }
-    else:
-        _, cases = records_to_cases(records, fmt)
-        data = {
-            "prompts": [c.prompt for c in cases],
-            "target_new": [c.target_new for c in cases],
-            "ground_truth": [c.ground_truth for c in cases],
-            "subject": [c.subject for c in cases],
-            "rephrase_prompts": [c.rephrase_prompts[0] if c.rephrase_prompts else c.prompt for c in cases],
-            "locality_inputs": {
-                "neighborhood": {
-                    # ROME format: all neighbourhood prompts of a case, each answered by target_true
-                    # (as EasyEdit's example script does); zsRE: the one 'loc' prompt.
-                    "prompt": [c.locality_prompts if len(c.locality_prompts) != 1 else c.locality_prompts[0] for c in cases],
-                    "ground_truth": [c.locality_answers if len(c.locality_answers) != 1 else c.locality_answers[0] for c in cases],
-                }
-            },
-            "case_ids": [c.case_id for c in cases],
-        }
+    else:  # ROME CounterFact: all neighbourhood prompts of a case answered by target_true; zsRE: 'loc'
+        data = editor_inputs(records_to_cases(records, fmt)[1])
     data["format"] = fmt
     return data
 
@@ -204,7 +219,8 @@ def run_edits(editor, data: dict[str, Any], hp, sequential_edit: bool, test_gene
         ground_truth=data["ground_truth"],
         subject=data["subject"],
         rephrase_prompts=data["rephrase_prompts"],
-        locality_inputs=json.loads(json.dumps(data["locality_inputs"])),  # EasyEdit mutates it
+        locality_inputs=json.loads(json.dumps(data["locality_inputs"])),  # EasyEdit mutates them
+        portability_inputs=json.loads(json.dumps(data["portability_inputs"])),
         sequential_edit=sequential_edit,
         test_generation=test_generation,
     )
@@ -227,32 +243,6 @@ def evaluate_final(editor, metrics: list[dict]) -> list[dict]:
         finalize_locality_metrics(entry, request, editor.hparams, editor.model_name)
         out.append(entry)
     return out
-
-
-def summarize(metrics: list[dict]) -> dict[str, Any]:
-    """Means of the accuracies, per phase (``pre`` / ``post``), as EasyEdit's ``summary_metrics``
-    prints them: rewrite/rephrase accuracy averaged over all target tokens of all cases; each
-    locality/portability accuracy averaged per case first, then over cases."""
-    import numpy as np
-
-    summary: dict[str, Any] = {}
-    for phase in ("pre", "post"):
-        block: dict[str, Any] = {}
-        for key in ("rewrite_acc", "rephrase_acc"):
-            values = [m[phase][key] for m in metrics if phase in m and key in m[phase]]
-            if values:
-                block[key] = float(np.mean(values))
-        for section in ("locality", "portability"):
-            per_key: dict[str, list[float]] = {}
-            for m in metrics:
-                for k, v in (m.get(phase, {}).get(section) or {}).items():
-                    if k.endswith("acc"):
-                        per_key.setdefault(k, []).append(float(np.mean(v)))
-            if per_key:
-                block[section] = {k: float(np.mean(v)) for k, v in per_key.items()}
-        if block:
-            summary[phase] = block
-    return summary
 
 
 def _jsonable(obj: Any) -> Any:
@@ -278,7 +268,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data_dir", default=None,
                    help="Dataset JSON file, a folder containing one, or a dataset name (counterfact, zsre); "
                         "default: the --data_type's dataset (see the module docstring).")
-    p.add_argument("--data_type", required=True, choices=["CF", "MCF", "ZsRE"])
+    p.add_argument("--data_type", "--datatype", required=True, choices=["CF", "MCF", "ZsRE", *KNOWEDIT_TYPES],
+                   help="CF / MCF / ZsRE, or a KnowEdit dataset as EasyEdit's run_knowedit_llama2.py names it.")
     p.add_argument("--ds_size", type=int, default=None, help="Use the first N cases (default: all).")
     p.add_argument("--batch_size", type=int, default=None, help="Edits per batch (overrides the YAML); 1 = editor.edit.")
     p.add_argument("--sequential_edit", action="store_true", help="Keep edits (no restore between requests/batches).")
@@ -329,13 +320,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "easyedit": report,
         "edit_and_eval_seconds": elapsed,
         "summary": summarize(metrics),
+        "table": summary_table(metrics),
         "metrics": metrics,
     }
+    print(format_table(result["table"]))
     if args.eval_final:
         final = evaluate_final(editor, metrics)
         result["final_summary"] = summarize(final)
+        result["final_table"] = summary_table(final)
         result["final_metrics"] = final
         print("Final model (all edits applied):", result["final_summary"])
+        print(format_table(result["final_table"]))
 
     os.makedirs(args.output_dir, exist_ok=True)
     model_tag = Path(str(hp.model_name)).name
