@@ -23,6 +23,8 @@ import filelock
 import torch
 import safetensors.torch
 
+from .state import fingerprint
+
 #: Version of the session directory layout; :func:`read_manifest` refuses other versions.
 SESSION_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -110,6 +112,26 @@ def check_model(model, manifest: dict[str, Any], weights: Sequence[str]) -> None
             "the model's weights differ from those the session was started on (another checkpoint, dtype or "
             f"fine-tune of {saved_ident.get('name_or_path') or 'the saved model'!r}); load the same unedited model"
         )
+
+
+def check_saved_weights(params: dict[str, torch.Tensor], layer_states: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """:class:`BLUESessionError` unless every matrix the saved state edited (``layer_states``: weight
+    name -> saved :class:`~blue_plugin.editing.state.LayerState`) is in the model at its original
+    value, and every saved weight fits the model and is finite."""
+    for name, ls in layer_states.items():
+        if name not in params:
+            raise BLUESessionError(f"the session edited {name!r}, which this model does not have")
+        now = fingerprint(params[name])
+        if ls.orig_fp is not None and not torch.equal(now, ls.orig_fp):
+            if ls.post_fp is not None and torch.equal(now, ls.post_fp):
+                raise BLUESessionError(f"{name} already carries the session's edits; load the session onto a freshly loaded, unedited model")
+            raise BLUESessionError(f"{name} is not at the original value the session started from; load the session onto the unedited model")
+    for name, w in weights.items():
+        p = params[name]
+        if tuple(w.shape) != tuple(p.shape) or w.dtype != p.dtype:
+            raise BLUESessionError(f"saved {name} is {tuple(w.shape)} {w.dtype} but the model's is {tuple(p.shape)} {p.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise BLUESessionError(f"saved {name} holds NaN/inf values; the session is corrupted")
 
 
 # ---------------------------------------------------------------------------------------------
