@@ -3,9 +3,11 @@
 ``config.json`` holds the identity of the run (its hash): a folder holding progress of another
 configuration is refused. Per method, ``<METHOD>/session/`` is a saved
 :class:`blue_plugin.editing.session.EditSession` (edited matrices and sequential state) and
-``<METHOD>/progress.json`` the benchmark's own bookkeeping (wall times, curve); a finished method
-is kept in ``<METHOD>/done.json``. Files that hold one-off measurements of the first invocation
-(``statistics.json``, ``pre.json``) are read back instead of measured again.
+``<METHOD>/progress.json`` the benchmark's own bookkeeping (wall times, curve, curve points); a
+finished method is kept in ``<METHOD>/done.json``. Files that hold one-off measurements of the
+first invocation (``statistics.json``, ``pre.json``) and the held-out documents with the unedited
+model's perplexity on them (``heldout.json``, ``pre_heldout.json``) are read back instead of
+measured again.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ logger = logging.getLogger("benchmarks.sequential")
 
 #: configuration keys that are informational (names and paths); identity is content
 INFORMATIONAL = ("data", "model", "hparams_file")
+#: configuration keys added with results schema 2 (held-out perplexity, curve points): progress
+#: written before them (its hash is that of the configuration without them) is resumed
+LATER_KEYS = ("heldout_docs", "curve_every", "curve_cases", "curve_fluency_cases", "curve_heldout_docs")
 
 
 def sha256_file(path: Path) -> str:
@@ -48,7 +53,12 @@ def open_progress(out: Path, config: dict[str, Any], restart: bool) -> tuple[Pat
     cfg_file = prog_dir / "config.json"
     if cfg_file.is_file():
         old = read_json(cfg_file)
-        if old.get("hash") != chash:
+        if old.get("hash") != chash and old.get("hash") == config_hash({k: v for k, v in config.items()
+                                                                        if k not in LATER_KEYS}):
+            logger.warning("%s holds progress from before held-out perplexity and curve points: resuming it; "
+                           "methods finished before have neither, the others only from here on", out)
+            write_json(cfg_file, {"hash": chash, "config": config})
+        elif old.get("hash") != chash:
             stored = old.get("config", {})
             diff = sorted(k for k in set(config) | set(stored)
                           if k not in INFORMATIONAL and jsonable(config.get(k)) != stored.get(k))
@@ -85,7 +95,8 @@ class SessionCheckpoints:
 
     def resume(self) -> Optional[dict[str, Any]]:
         """Load the saved session onto the (unedited) model, or start a new one (then None).
-        Returns ``batches_done``, ``batch_wall_s`` and ``curve`` of the saved progress."""
+        Returns ``batches_done``, ``batch_wall_s``, ``curve`` and ``curves`` (curve points) of the
+        saved progress."""
         from blue_plugin.editing.session import EditSession
 
         if not (self.session_dir / "manifest.json").is_file():
@@ -104,7 +115,8 @@ class SessionCheckpoints:
         wall = list(prog.get("batch_wall_s", []))[:done]
         wall += [float(r["time"].get("total", 0.0)) for r in self.session.state.history[len(wall):done]]
         curve = [c for c in prog.get("curve", []) if c["n_edits"] <= done * self.hp.batch_size]
-        return {"batches_done": done, "batch_wall_s": wall, "curve": curve}
+        curves = [c for c in prog.get("curves", []) if c["n_edits"] <= done * self.hp.batch_size]
+        return {"batches_done": done, "batch_wall_s": wall, "curve": curve, "curves": curves}
 
     def apply(self, requests: list[dict]) -> None:
         self.session.edit(requests)

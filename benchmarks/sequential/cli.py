@@ -35,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any hyperparameter of the YAML (value parsed as YAML), e.g. --set L2=80; repeatable")
     p.add_argument("--fluency-tokens", type=int, default=100, help="new tokens per greedy generation (0: no fluency); default 100")
-    p.add_argument("--eval-every", type=int, default=None, help="also evaluate the edited-so-far cases every K edits (curve plot)")
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate all edited-so-far cases every K edits (curve plot)")
+    p.add_argument("--heldout-docs", type=int, default=500,
+                   help="documents of the C0 corpus held out from C0 for the held-out perplexity of the unedited and "
+                        "every final model (0: none); default 500")
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="a curve point every K edits: efficacy, generalization, specificity on a seeded sample of the "
+                        "cases edited so far, fluency on part of it, held-out perplexity; plus points 0 and N")
+    p.add_argument("--curve-cases", type=int, default=200, help="cases per curve point (default 200)")
+    p.add_argument("--curve-fluency-cases", type=int, default=50,
+                   help="of those, cases whose fluency a curve point measures (default 50)")
+    p.add_argument("--curve-heldout-docs", type=int, default=None,
+                   help="held-out documents per curve point, the first of --heldout-docs (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per forward pass in evaluation")
     p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate() call for fluency")
     p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
@@ -59,7 +70,9 @@ def config_from_args(args: argparse.Namespace) -> SequentialConfig:
         out=args.out, hparams=args.hparams, model_name=args.model, device=args.device, dtype=args.dtype,
         mom2_n_samples=args.mom2_n_samples, steps=args.steps, stats_dir=args.stats_dir,
         overrides=parse_overrides(args.set),
-        fluency_tokens=args.fluency_tokens, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        fluency_tokens=args.fluency_tokens, eval_every=args.eval_every, heldout_docs=args.heldout_docs,
+        curve_every=args.curve_every, curve_cases=args.curve_cases, curve_fluency_cases=args.curve_fluency_cases,
+        curve_heldout_docs=args.curve_heldout_docs, eval_batch_size=args.eval_batch_size,
         gen_batch_size=args.gen_batch_size, measure_cold_stats=args.measure_cold_stats,
         keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
         plots=not args.no_plots, checkpoints=args.checkpoints,

@@ -18,7 +18,9 @@ METRIC_LABELS = {
     "consistency": "Consistency",
 }
 RESULTS_FILE = "results.json"
-SCHEMA_VERSION = 1
+#: 2: held-out perplexity (``heldout``, ``summary["perplexity"]``) and sampled curves (``curves``);
+#: results of version 1 lack both and are still read (shown as n/a).
+SCHEMA_VERSION = 2
 DTYPES = ("float32", "float16", "bfloat16")
 #: how progress is saved: both names mean :class:`blue_plugin.editing.session.EditSession`
 CHECKPOINT_CHOICES = ("auto", "session")
@@ -45,8 +47,18 @@ class SequentialConfig:
             ``stats_dir`` of the YAML.
         overrides: further hyperparameters to change, e.g. ``{"L2": 80}`` (not base_method/blue).
         fluency_tokens: new tokens per greedy generation for fluency (0: skip fluency).
-        eval_every: also evaluate the cases edited so far every this many edits (for the
+        eval_every: also evaluate all the cases edited so far every this many edits (for the
             metrics-vs-edits plot); None: final evaluation only.
+        heldout_docs: documents of the C0 corpus held out from C0
+            (:func:`blue_plugin.stats.heldout.heldout_documents`) on which the held-out perplexity
+            of the unedited model and of every method's final model is measured; 0: none.
+        curve_every: every this many edits, evaluate a curve point
+            (:mod:`~benchmarks.sequential.curves`) on a seeded sample of the cases edited so far;
+            None: no curve points.
+        curve_cases, curve_fluency_cases: cases per curve point (efficacy, generalization,
+            specificity) and how many of them also get fluency.
+        curve_heldout_docs: held-out documents per curve point (the first ones of
+            ``heldout_docs``); None: all.
         eval_batch_size, gen_batch_size: prompts per forward pass / per ``generate()`` call.
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the saved session of finished methods.
@@ -72,6 +84,11 @@ class SequentialConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     fluency_tokens: int = 100
     eval_every: Optional[int] = None
+    heldout_docs: int = 500
+    curve_every: Optional[int] = None
+    curve_cases: int = 200
+    curve_fluency_cases: int = 50
+    curve_heldout_docs: Optional[int] = None
     eval_batch_size: int = 32
     gen_batch_size: int = 16
     measure_cold_stats: bool = False
@@ -93,6 +110,11 @@ class SequentialConfig:
         check_int("seed", self.seed, 0)
         check_int("fluency_tokens", self.fluency_tokens, 0)
         check_int("eval_every", self.eval_every, 1, allow_none=True)
+        check_int("heldout_docs", self.heldout_docs, 0)
+        check_int("curve_every", self.curve_every, 1, allow_none=True)
+        check_int("curve_cases", self.curve_cases, 1)
+        check_int("curve_fluency_cases", self.curve_fluency_cases, 0)
+        check_int("curve_heldout_docs", self.curve_heldout_docs, 1, allow_none=True)
         check_int("eval_batch_size", self.eval_batch_size, 1)
         check_int("gen_batch_size", self.gen_batch_size, 1)
         if self.checkpoints not in CHECKPOINT_CHOICES:

@@ -1,5 +1,7 @@
-"""Plots of a sequential run: optimisation steps per edited layer and metrics against the number
-of sequential edits."""
+"""Plots of a sequential run: optimisation steps per edited layer, metrics against the number of
+sequential edits (``--eval-every``: ``metrics_vs_edits.png``) and the curve points
+(``--curve-every``: one ``curve_<metric>.png`` per metric, every method in it, each base method in
+one colour with its original mode solid and its BLUE mode dashed, 95% intervals shaded)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +9,69 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.sequential.config import METRIC_LABELS
+from benchmarks.sequential.config import CF_FORMATS, METRIC_LABELS
+from benchmarks.sequential.curves import CURVE_METRICS
 from benchmarks.sequential.report import metric_keys
+
+CURVE_LABELS = {**METRIC_LABELS, "perplexity": "Held-out perplexity"}
+
+
+def base_method(name: str) -> str:
+    return name[: -len("_BLUE")] if name.endswith("_BLUE") else name
+
+
+def curve_note(result: dict[str, Any], key: str) -> str:
+    """What a curve point of ``key`` averages over, for the plot's title."""
+    plan = result.get("curve_plan") or {}
+    if key == "perplexity":
+        docs = (result.get("heldout_documents") or {}).get("n_docs")
+        per = plan.get("heldout_docs")
+        n = docs if per is None or docs is None else min(per, docs)
+        return f" ({n} documents)" if n else ""
+    n = plan.get("fluency_cases") if key == "fluency" else plan.get("cases")
+    return f" (up to {n} edited cases per point)" if n else ""
+
+
+def curve_plots(result: dict[str, Any], out: Path, plt) -> dict[str, str]:
+    """``curve_<metric>.png`` for every metric the curve points of ``result`` hold (x100 but
+    perplexity); returns ``{"curve_<metric>_plot": path}``."""
+    methods = {name: m for name, m in result["methods"].items() if m.get("curves")}
+    bases = list(dict.fromkeys(base_method(n) for n in methods))
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
+    keys = [k for k in CURVE_METRICS if k != "fluency" or result["config"]["format"] in CF_FORMATS]
+    written: dict[str, str] = {}
+    for key in keys:
+        scale = 1.0 if key == "perplexity" else 100.0
+        fig, ax = plt.subplots(figsize=(5.6, 3.8))
+        drawn = False
+        for name, m in methods.items():
+            pts = [(p["n_edits"], p["summary"].get(key) or {}) for p in m["curves"]]
+            pts = [(x, s) for x, s in pts if s.get("mean") is not None]
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            colour, style = colors[base_method(name)], "--" if name.endswith("_BLUE") else "-"
+            ax.plot(x, [scale * s["mean"] for _, s in pts], style, color=colour, marker="o", ms=3, label=name)
+            ax.fill_between(x, [scale * s["ci_low"] for _, s in pts], [scale * s["ci_high"] for _, s in pts],
+                            color=colour, alpha=0.12, linewidth=0)
+            drawn = True
+        if drawn:
+            ax.set_title(CURVE_LABELS[key] + curve_note(result, key), fontsize=10)
+            ax.set_xlabel("sequential edits")
+            ax.set_ylabel("perplexity" if key == "perplexity" else "x100")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"curve_{key}.png"
+            fig.savefig(path, dpi=120)
+            written[f"curve_{key}_plot"] = str(path)
+        plt.close(fig)
+    return written
 
 
 def make_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
-    """``steps_per_layer.png`` and, when intermediate evaluations exist, ``metrics_vs_edits.png``."""
+    """``steps_per_layer.png``, ``metrics_vs_edits.png`` when intermediate evaluations of all
+    edited cases exist and ``curve_<metric>.png`` when curve points exist."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,4 +118,6 @@ def make_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         written["curve_plot"] = str(p)
+    if any(m.get("curves") for m in methods.values()):
+        written.update(curve_plots(result, out, plt))
     return written

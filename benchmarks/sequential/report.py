@@ -6,8 +6,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from blue_plugin.evaluation.perplexity import paired_perplexity_difference
+
 from benchmarks.common import read_json, write_json
 from benchmarks.sequential.config import CF_FORMATS, METRIC_LABELS, RESULTS_FILE
+
+PPL_LABEL = "Held-out PPL"
 
 
 def metric_keys(fmt: str) -> list[str]:
@@ -20,6 +24,29 @@ def cell(s: Optional[dict[str, Any]]) -> str:
     return f"{100 * s['mean']:.1f} [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
 
 
+def ppl_cell(s: Optional[dict[str, Any]], signed: bool = False) -> str:
+    """A perplexity (not x100) with its interval; ``signed``: a difference."""
+    if not s or s.get("mean") is None:
+        return "n/a"
+    f = "+.2f" if signed else ".2f"
+    return f"{s['mean']:{f}} [{s['ci_low']:{f}}, {s['ci_high']:{f}}]"
+
+
+def metric_cells(summary: dict[str, Any], keys: Sequence[str]) -> str:
+    """The metrics table's cells of one row: ``keys`` x100, then the held-out perplexity."""
+    return " | ".join([cell(summary.get(k)) for k in keys] + [ppl_cell(summary.get("perplexity"))])
+
+
+def heldout_note(result: dict[str, Any]) -> str:
+    """A sentence on the held-out documents of a run ("" for runs without them)."""
+    rec = result.get("heldout_documents")
+    if not rec:
+        return ""
+    return (f"{PPL_LABEL}: token-level perplexity (not x100) of {rec['n_docs']} documents of "
+            f"{Path(str(rec['source'])).name} held out from the {rec['c0_n_samples']} of C0, 95% bootstrap CI "
+            "over documents.")
+
+
 def steps_cell(costs: dict[str, Any]) -> str:
     spl = costs.get("steps_per_layer") or {}
     return ", ".join(f"L{l}: {v['mean']:.1f}" for l, v in sorted(spl.items(), key=lambda kv: int(kv[0]))) or "n/a"
@@ -29,10 +56,17 @@ def fmt_s(x: Any) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def mean_or_none(xs: Optional[Sequence[float]]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
 def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[str, dict[str, Any]]]:
     """For every method X run together with X_BLUE: per metric, the mean over cases of the
     per-case difference (X_BLUE - X) with a 95% percentile bootstrap interval (cases resampled
     together, seeded with the run's seed), and how many cases entered (both scored).
+
+    Held-out perplexity (where both methods have it, on the same documents): the difference of
+    the two perplexities with an interval resampling the documents jointly, under ``perplexity``.
 
     Returns ``{X: {metric: {"mean", "ci_low", "ci_high", "n"}}}`` (fractions; fluency in bits).
     """
@@ -53,6 +87,10 @@ def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[s
             if d:
                 mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
                 per[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(d)}
+        ha, hb = methods[base].get("heldout"), methods[f"{base}_BLUE"].get("heldout")
+        if ha and hb and ha.get("doc_tokens") == hb.get("doc_tokens"):
+            per["perplexity"] = paired_perplexity_difference(ha["doc_nll"], hb["doc_nll"], ha["doc_tokens"],
+                                                             n_boot=n_boot, seed=seed)
         out[base] = per
     return out
 
@@ -72,21 +110,24 @@ def render_table(result: dict[str, Any]) -> str:
         f"## Sequential editing: {Path(cfg['data']).name} ({cfg['format']}), model {Path(str(cfg['model'])).name}",
         "",
         f"N = {cfg['n']} edits, batch size B = {cfg['batch_size']}, seed {cfg['seed']}; all N evaluated "
-        f"on the final model. Mean x100 with 95% bootstrap CI (fluency: bi/tri-gram entropy x100).",
+        f"on the final model. Mean x100 with 95% bootstrap CI (fluency: bi/tri-gram entropy x100). "
+        + heldout_note(result),
         "",
-        "| Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |",
-        "|---|" + "---|" * len(keys),
-        "| pre | " + " | ".join(cell(result["pre"]["summary"].get(k)) for k in keys) + " |",
+        "| Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + f" | {PPL_LABEL} |",
+        "|---|" + "---|" * (len(keys) + 1),
+        "| pre | " + metric_cells(result["pre"]["summary"], keys) + " |",
     ]
     for name, m in result["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(cell(m["summary"].get(k)) for k in keys) + " |")
+        lines.append(f"| {name} | " + metric_cells(m["summary"], keys) + " |")
     diffs = result.get("blue_vs_base") or blue_vs_base(result)  # stored by run_benchmark; older results lack it
     if diffs:
         lines += ["", "BLUE minus its base method, paired over the same cases: mean x100 with 95% bootstrap CI "
                   "(an interval that excludes 0 is a difference these cases resolve).", "",
-                  "| Base | " + " | ".join(METRIC_LABELS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+                  "| Base | " + " | ".join(METRIC_LABELS[k] for k in keys) + f" | {PPL_LABEL} |",
+                  "|---|" + "---|" * (len(keys) + 1)]
         for base, d in diffs.items():
-            lines.append(f"| {base}_BLUE - {base} | " + " | ".join(diff_cell(d.get(k)) for k in keys) + " |")
+            lines.append(f"| {base}_BLUE - {base} | " + " | ".join(diff_cell(d.get(k)) for k in keys)
+                         + f" | {ppl_cell(d.get('perplexity'), signed=True)} |")
     st = result["costs"]["statistics"]
     lines += [
         "",
@@ -94,8 +135,9 @@ def render_table(result: dict[str, Any]) -> str:
         f"{st.get('layers')}): first call {fmt_s(st.get('first_call_s'))} s ({st.get('source')}), "
         f"cached {fmt_s(st.get('cached_s'))} s, cold {fmt_s(st.get('cold_s'))} s.",
         "",
-        "| Method | s / batch (mean) | edit s (total) | targets / keys / update s | eval s | steps per layer (mean) | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| Method | s / batch (mean) | edit s (total) | targets / keys / update s | eval s | held-out s "
+        "| curve s / point | steps per layer (mean) | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
         c = m["costs"]
@@ -103,7 +145,9 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {fmt_s(c.get('batch_time_s_mean'))} | {fmt_s(c.get('edit_time_s_total'))} | "
             f"{fmt_s(ph.get('targets'))} / {fmt_s(ph.get('keys'))} / {fmt_s(ph.get('update'))} | "
-            f"{fmt_s(c.get('eval_time_s'))} | {steps_cell(c)} | {c.get('peak_rss_mib')} |"
+            f"{fmt_s(c.get('eval_time_s'))} | {fmt_s(c.get('heldout_eval_s'))} | "
+            f"{fmt_s(mean_or_none(c.get('curve_eval_s')))} | "
+            f"{steps_cell(c)} | {c.get('peak_rss_mib')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -128,17 +172,17 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
         "",
         "Mean x100 with 95% bootstrap CI; n/a where a metric does not apply.",
         "",
-        "| Run | Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + " | s / batch |",
-        "|---|---|" + "---|" * (len(keys) + 1),
+        "| Run | Method | " + " | ".join(METRIC_LABELS[k] for k in keys) + f" | {PPL_LABEL} | s / batch |",
+        "|---|---|" + "---|" * (len(keys) + 2),
     ]
     merged = []
     for d, r in runs:
         cfg = r["config"]
         label = f"{Path(d).name}: {Path(cfg['data']).stem} N={cfg['n']} B={cfg['batch_size']}"
-        lines.append(f"| {label} | pre | " + " | ".join(cell(r["pre"]["summary"].get(k)) for k in keys) + " | |")
+        lines.append(f"| {label} | pre | " + metric_cells(r["pre"]["summary"], keys) + " | |")
         rows = {"run": d, "label": label, "config": cfg, "pre": r["pre"]["summary"], "methods": {}}
         for name, m in r["methods"].items():
-            lines.append(f"| {label} | {name} | " + " | ".join(cell(m["summary"].get(k)) for k in keys)
+            lines.append(f"| {label} | {name} | " + metric_cells(m["summary"], keys)
                          + f" | {fmt_s(m['costs'].get('batch_time_s_mean'))} |")
             rows["methods"][name] = {"summary": m["summary"], "costs": {k: v for k, v in m["costs"].items()
                                                                         if k not in ("batch_time_s", "batch_wall_s")}}

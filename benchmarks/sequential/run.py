@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from blue_plugin.stats.accumulate import effective_max_length
+
 from benchmarks.common import (
     DEFAULT_HPARAMS,
     DEFAULT_MODEL,
@@ -30,6 +32,7 @@ from benchmarks.common import (
 from benchmarks.sequential.checkpoints import SessionCheckpoints, measured_once, open_progress, sha256_file
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
+from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
 from benchmarks.sequential.plots import make_plots
 from benchmarks.sequential.report import blue_vs_base, render_table
@@ -149,6 +152,11 @@ def run_benchmark(
         "fluency_tokens": cfg.fluency_tokens,
         "eval_every": cfg.eval_every,
         "eval_batch_size": cfg.eval_batch_size,
+        "heldout_docs": cfg.heldout_docs,
+        "curve_every": cfg.curve_every,
+        "curve_cases": cfg.curve_cases,
+        "curve_fluency_cases": cfg.curve_fluency_cases,
+        "curve_heldout_docs": cfg.curve_heldout_docs,
     }
     prog_dir, chash = open_progress(out, config, cfg.restart)
     logger.info("checkpoints: blue_plugin.editing.session.EditSession")
@@ -168,6 +176,20 @@ def run_benchmark(
         editor0.restore(originals)
         reset_state(model)
 
+    ppl_length = effective_max_length(model, base_hp.mom2_max_length)
+    plan = CurvePlan(cfg.n, cfg.seed, cfg.curve_every, cfg.curve_cases, cfg.curve_fluency_cases, cfg.curve_heldout_docs)
+    heldout: Optional[dict[str, Any]] = None
+
+    def heldout_scores() -> Optional[dict[str, Any]]:
+        if heldout is None:
+            return None
+        return heldout_eval(model, tok, heldout["texts"], ppl_length, cfg.eval_batch_size, cfg.seed)
+
+    def curve_point(done: int) -> dict[str, Any]:
+        return evaluate_point(plan, done, model, tok, fmt, cases, pre.get("pre_locality"),
+                              heldout["texts"] if heldout else None, fluency_tokens=cfg.fluency_tokens,
+                              max_length=ppl_length, batch_size=cfg.eval_batch_size, gen_batch_size=cfg.gen_batch_size)
+
     method_results: dict[str, dict[str, Any]] = {}
     try:
         reset_peak_rss()
@@ -176,6 +198,13 @@ def run_benchmark(
         # the first invocation's timing is the one to report
         stats_first = measured_once(prog_dir / "statistics.json", lambda: stats_info)
         pre = measured_once(prog_dir / "pre.json", pre_scores)
+        pre_held = None
+        if cfg.heldout_docs:  # chosen and measured on the unedited model, once per run
+            heldout = measured_once(prog_dir / "heldout.json",
+                                    lambda: select_heldout(model, tok, base_hp, cfg.heldout_docs, cfg.progress))
+            pre_held = measured_once(prog_dir / "pre_heldout.json", heldout_scores)
+            pre["summary"]["perplexity"] = pre_held["summary"]
+        point0 = point_from_scores(plan, 0, "pre", pre["scores"], pre_held) if cfg.curve_every else None
         pre_peak = peak_rss_mib()  # statistics + pre evaluation
         for method in method_list:
             done_file = prog_dir / method / "done.json"
@@ -190,20 +219,29 @@ def run_benchmark(
             reset_peak_rss()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            wall, curve = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch)
+            wall, curve, curves = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch,
+                                                curve_point if cfg.curve_every else None, plan)
             t0 = time.perf_counter()
             scores = evaluate(cases, pre.get("pre_locality"))
             eval_s = time.perf_counter() - t0
             summary = summarize(scores, cfg.seed)
+            held = heldout_scores()
+            if held is not None:
+                summary["perplexity"] = held["summary"]
             if cfg.eval_every is not None:
                 curve.append({"n_edits": cfg.n, "summary": summary})
+            if cfg.curve_every is not None:
+                curves = [point0] + curves + [point_from_scores(plan, cfg.n, "final", scores, held)]
             history = get_state(model).history
             costs = batch_costs(history, wall)
             costs.update(steps_per_layer=steps_per_layer(history, hp.v_num_grad_steps), eval_time_s=eval_s,
+                         heldout_eval_s=held["eval_s"] if held else None,
+                         curve_eval_s=[p["eval_s"] for p in curves if p["source"] == "evaluated"],
                          peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib())
             write_json(done_file, {
                 "method": method, "base_method": hp.base_method, "blue": hp.blue, "edit_layers": hp.edit_layers,
-                "summary": summary, "scores": scores, "curve": curve, "costs": costs, "history": history,
+                "summary": summary, "scores": scores, "curve": curve, "curves": curves, "heldout": held,
+                "costs": costs, "history": history,
                 "checkpoints": ckpt.kind,
             })
             if not cfg.keep_checkpoints:
@@ -223,7 +261,10 @@ def run_benchmark(
         "machine": machine_info(),
         "metrics": list(METRIC_LABELS),
         "scale_note": "values are fractions (fluency: entropy in bits); tables show x100",
-        "pre": {"summary": pre["summary"], "scores": pre["scores"], "eval_time_s": pre.get("eval_time_s")},
+        "pre": {"summary": pre["summary"], "scores": pre["scores"], "eval_time_s": pre.get("eval_time_s"),
+                "heldout": pre_held},
+        "heldout_documents": heldout["record"] if heldout else None,
+        "curve_plan": plan.describe() if cfg.curve_every else None,
         "methods": method_results,
         "costs": {"statistics": stats_first,
                   "statistics_this_invocation": stats_info,
@@ -242,16 +283,19 @@ def run_benchmark(
 
 
 def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, cases, evaluate, pre_loc,
-                  on_batch) -> tuple[list[float], list[dict[str, Any]]]:
-    """Edit ``cases`` batch by batch from where ``ckpt`` left off, saving after each batch and
-    evaluating the cases edited so far every ``cfg.eval_every`` edits. Returns the per-batch wall
-    times and the curve of intermediate summaries."""
+                  on_batch, curve_point,
+                  plan: CurvePlan) -> tuple[list[float], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Edit ``cases`` batch by batch from where ``ckpt`` left off, saving after each batch,
+    evaluating the cases edited so far every ``cfg.eval_every`` edits and a curve point
+    (``curve_point(n_edits)``, when given) where ``plan`` says one is due. Returns the per-batch
+    wall times, the curve of intermediate summaries and the curve points (saved ones first)."""
     n, bs = cfg.n, cfg.batch_size
     n_batches = (n + bs - 1) // bs
     meta = ckpt.resume()
     start = int(meta["batches_done"]) if meta else 0
     wall: list[float] = list(meta["batch_wall_s"]) if meta else []
     curve: list[dict[str, Any]] = list(meta["curve"]) if meta else []
+    curves: list[dict[str, Any]] = list(meta.get("curves", [])) if meta else []
     if meta:
         logger.info("%s: resuming after batch %d of %d", method, start, n_batches)
     bar = _tqdm()(total=n_batches, initial=start, desc=method, unit="batch", disable=not cfg.progress)
@@ -265,11 +309,14 @@ def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, 
             if every is not None and done // every > (b * bs) // every and done < n:
                 sc = evaluate(cases[:done], pre_loc[:done] if pre_loc else None)
                 curve.append({"n_edits": done, "summary": summarize(sc, cfg.seed)})
-            ckpt.save({"method": method, "batches_done": b + 1, "batch_wall_s": wall, "curve": curve})
+            if curve_point is not None and plan.due(b * bs, done):
+                curves.append(curve_point(done))
+            ckpt.save({"method": method, "batches_done": b + 1, "batch_wall_s": wall, "curve": curve,
+                       "curves": curves})
             bar.update(1)
             bar.set_postfix(edits=done, s_per_batch=f"{wall[-1]:.1f}")
             if on_batch is not None:
                 on_batch(method, b + 1)
     finally:
         bar.close()
-    return wall, curve
+    return wall, curve, curves

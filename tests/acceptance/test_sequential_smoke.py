@@ -1,8 +1,11 @@
 """Tests for benchmarks.sequential: the CLI/API of the sequential editing benchmark.
 
-* unit tests of method parsing, the markdown table and compare mode;
+* unit tests of method parsing, the markdown table and compare mode, the curve sample and the
+  resumption of progress written before curves;
 * resume: a run interrupted after a checkpoint and continued ends bit-for-bit like an
   uninterrupted one (tiny random Llama with the SmolLM2 tokenizer, seconds);
+* curves: points 0, K and N per method, held-out perplexity of pre and every method, points
+  kept across an interruption;
 * the smoke run of the issue: SmolLM2, N=4, B=2, MEMIT_BLUE and AlphaEdit, small statistics
   sample and few optimisation steps; every metric present per method, table and plots written,
   the fixture's weights restored.
@@ -158,6 +161,100 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_setup, tmp_pat
         seq.run_benchmark(out=tmp_path / "resumed", **{**kw, "n": 4})
 
 
+def test_curve_plan_samples_edited_cases():
+    plan = seq.CurvePlan(n=50, seed=3, every=10, cases=8, fluency_cases=3)
+    assert sorted(plan.order) == list(range(50)) and plan.order == seq.CurvePlan(50, 3, 10).order
+    for n_edits in (5, 10, 30):
+        idx = plan.sample(n_edits)
+        assert len(idx) == min(8, n_edits) and all(i < n_edits for i in idx)
+        assert idx == [i for i in plan.order if i < n_edits][:8]  # a fixed order filtered: seeded, reproducible
+    assert plan.sample(0) == plan.sample(50) == plan.order[:8]  # point 0 and N: the same cases
+    # N itself is read off the final evaluation
+    assert [n for n in (2, 4, 10, 12, 20, 24, 48, 50) if plan.due(n - 2, n)] == [10, 20]
+    assert plan.due(18, 22) and not seq.CurvePlan(50, 3, None).due(0, 10)
+    assert plan.docs(500) == 500 and seq.CurvePlan(50, 3, 10, heldout_docs=100).docs(60) == 60
+
+
+def test_progress_from_before_curves_is_resumed(tmp_path):
+    from benchmarks.common import read_json, write_json
+    from benchmarks.sequential.checkpoints import LATER_KEYS, config_hash, open_progress
+
+    config = {"n": 4, "batch_size": 2, "seed": 0, "heldout_docs": 500, "curve_every": 2, "curve_cases": 200,
+              "curve_fluency_cases": 50, "curve_heldout_docs": None}
+    legacy = {k: v for k, v in config.items() if k not in LATER_KEYS}
+    write_json(tmp_path / "progress" / "config.json", {"hash": config_hash(legacy), "config": legacy})
+    _, chash = open_progress(tmp_path, config, restart=False)
+    assert read_json(tmp_path / "progress" / "config.json")["hash"] == chash  # now recorded with the new keys
+    with pytest.raises(ValueError, match=r"differs in \['curve_every'\]"):
+        open_progress(tmp_path, {**config, "curve_every": 3}, restart=False)
+
+
+def test_table_of_results_without_perplexity():
+    """Results of schema 1 (no held-out perplexity, no curves) still render: n/a in the new column."""
+    summ = {k: {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 2} for k in seq.METRIC_LABELS}
+    result = {"config": {"seed": 0, "format": "counterfact", "data": "cf.json", "model": "m", "n": 2, "batch_size": 1},
+              "pre": {"summary": summ}, "methods": {"MEMIT": {"summary": summ, "scores": [], "costs": {}}},
+              "costs": {"statistics": {}}}
+    rows = [l for l in seq.render_table(result).splitlines() if "| 50.0 [40.0, 60.0] |" in l]
+    assert [r.split(" | ")[0] for r in rows] == ["| pre", "| MEMIT"]
+    assert all(r.endswith("| n/a |") for r in rows)
+
+
+@needs_data
+def test_curves_heldout_perplexity_and_resume_keep_points(tiny_setup, tmp_path):
+    from benchmarks.common import read_json
+    from blue_plugin.evaluation.perplexity import perplexity_summary
+    from blue_plugin.stats import read_corpus
+
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, methods="MEMIT,MEMIT_BLUE", n=4, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok,
+              fluency_tokens=4, curve_every=2, curve_cases=3, curve_fluency_cases=2, heldout_docs=6,
+              curve_heldout_docs=4, progress=False, plots=False)
+    full = seq.run_benchmark(out=tmp_path / "full", **kw)
+
+    def stop(method, batches):
+        if method == "MEMIT_BLUE" and batches == 1:
+            raise seq.BenchmarkInterrupted("simulated interruption")
+
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=tmp_path / "resumed", on_batch=stop, **kw)
+    saved = read_json(tmp_path / "resumed" / "progress" / "MEMIT_BLUE" / "progress.json")["curves"]
+    assert [p["n_edits"] for p in saved] == [2]
+    resumed = seq.run_benchmark(out=tmp_path / "resumed", **{**kw, "plots": True})
+
+    assert resumed["schema_version"] == full["schema_version"] == 2
+    held = resumed["heldout_documents"]
+    assert held["n_docs"] == 6 and held["source"] == "wordnet" and held["c0_n_samples"] == 20
+    texts = read_json(tmp_path / "resumed" / "progress" / "heldout.json")["texts"]
+    assert len(texts) == 6 and not set(texts) & set(read_corpus("wordnet", 20))  # held out from C0
+    pre = resumed["pre"]
+    assert pre["summary"]["perplexity"]["n"] == 6 and pre["summary"]["perplexity"]["mean"] > 1
+    for name in ("MEMIT", "MEMIT_BLUE"):
+        m, f = resumed["methods"][name], full["methods"][name]
+        assert m["summary"]["perplexity"]["n"] == 6 and len(m["heldout"]["doc_nll"]) == 6
+        pts = m["curves"]
+        assert [(p["n_edits"], p["source"], p["n_cases"], p["n_fluency_cases"]) for p in pts] == \
+            [(0, "pre", 3, 2), (2, "evaluated", 2, 2), (4, "final", 3, 2)]
+        assert all(p["summary"]["perplexity"]["n"] == 4 for p in pts)
+        assert all(set(p["summary"]) == set(seq.CURVE_METRICS) for p in pts)
+        # point 0 is the unedited model: its perplexity is that of the first 4 held-out documents
+        assert pts[0]["summary"]["perplexity"] == perplexity_summary(pre["heldout"]["doc_nll"][:4],
+                                                                      pre["heldout"]["doc_tokens"][:4], seed=0)
+        assert sorted(s["index"] for s in pts[1]["scores"]) == [0, 1]  # the cases edited by then
+        assert [s["index"] for s in pts[2]["scores"]] == resumed["curve_plan"]["sample_at_n"]
+        # the same values as without the interruption
+        for a, b in zip(pts, f["curves"]):
+            assert (a["scores"], a["doc_nll"], a["summary"]) == (b["scores"], b["doc_nll"], b["summary"])
+        assert m["costs"]["heldout_eval_s"] >= 0 and len(m["costs"]["curve_eval_s"]) == 1
+    # the point saved before the interruption was kept, not evaluated again
+    assert resumed["methods"]["MEMIT_BLUE"]["curves"][1]["eval_s"] == saved[0]["eval_s"]
+    assert "perplexity" in resumed["blue_vs_base"]["MEMIT"]
+    table = (tmp_path / "resumed" / "table.md").read_text()
+    assert "| Held-out PPL |" in table and "6 documents of wordnet held out from the 20 of C0" in table
+    for key in seq.CURVE_METRICS:
+        assert (tmp_path / "resumed" / f"curve_{key}.png").stat().st_size > 1000, key
+
+
 @needs_data
 def test_zsre_run_and_compare(tiny_setup, tmp_path):
     model, tok, hp_path = tiny_setup
@@ -165,7 +262,7 @@ def test_zsre_run_and_compare(tiny_setup, tmp_path):
                             hparams=hp_path, model=model, tok=tok, progress=False, plots=False)
     assert res["config"]["format"] == "zsre"
     summary = res["methods"]["RECT_BLUE"]["summary"]
-    assert set(summary) == {"efficacy", "generalization", "specificity", "fluency", "consistency"}
+    assert set(summary) == {"efficacy", "generalization", "specificity", "fluency", "consistency", "perplexity"}
     assert summary["fluency"]["mean"] is None and summary["consistency"]["mean"] is None
     assert res["pre"]["summary"]["specificity"]["mean"] == 1.0  # the unedited model agrees with itself
     assert len(res["methods"]["RECT_BLUE"]["costs"]["batch_time_s"]) == 2
@@ -209,7 +306,7 @@ def test_smoke_smollm2_counterfact(smollm2, tmp_path):
     res = seq.run_benchmark(data=CF, methods="MEMIT_BLUE,AlphaEdit", n=4, batch_size=2, seed=0, out=tmp_path / "run",
                             model=model, tok=tok, mom2_n_samples=200, steps=5, stats_dir=str(tmp_path / "stats"),
                             overrides={"context_template_length_params": [[5, 2]]}, fluency_tokens=8,
-                            progress=False)
+                            heldout_docs=20, curve_every=2, curve_cases=4, curve_fluency_cases=2, progress=False)
 
     for n in names:
         assert torch.equal(params[n], before[n]), f"{n} not restored"
@@ -238,6 +335,15 @@ def test_smoke_smollm2_counterfact(smollm2, tmp_path):
     assert lines[0].startswith("| Method | Efficacy | Generalization | Specificity | Fluency | Consistency |")
     assert [l.split("|")[1].strip() for l in lines[1:4]] == ["pre", "MEMIT_BLUE", "AlphaEdit"]
     assert (tmp_path / "run" / "steps_per_layer.png").stat().st_size > 1000
+    # curves: the unedited model at 0, a point after the first batch, the final model at N
+    for name in ("MEMIT_BLUE", "AlphaEdit"):
+        pts = data["methods"][name]["curves"]
+        assert [(p["n_edits"], p["n_cases"], p["n_fluency_cases"]) for p in pts] == [(0, 4, 2), (2, 2, 2), (4, 4, 2)]
+        assert all(p["summary"]["perplexity"]["n"] == 20 and p["summary"]["fluency"]["n"] == 2 for p in pts)
+        assert data["methods"][name]["summary"]["perplexity"]["mean"] > 1
+    assert data["pre"]["summary"]["perplexity"]["n"] == 20 and data["heldout_documents"]["c0_n_samples"] == 200
+    assert lines[0].rstrip().endswith("| Held-out PPL |")
+    assert (tmp_path / "run" / "curve_perplexity.png").stat().st_size > 1000
 
 
 @needs_data
