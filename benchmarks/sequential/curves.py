@@ -127,7 +127,7 @@ def point_from_scores(plan: CurvePlan, n_edits: int, source: str, all_scores: Se
 def evaluate_point(plan: CurvePlan, n_edits: int, model, tok, fmt: str, cases: Sequence[Any],
                    pre_loc: Optional[Sequence[Any]], heldout_texts: Optional[Sequence[str]], *,
                    fluency_tokens: int, max_length: int,
-                   batch_size: int, gen_batch_size: int) -> dict[str, Any]:
+                   batch_size: int, gen_batch_size: int, chat_template: bool = False) -> dict[str, Any]:
     """Evaluate the point after ``n_edits`` edits on the current model: teacher-forced scores of
     the sampled cases, fluency of the first ``plan.fluency_cases`` of them (CounterFact, when
     ``fluency_tokens > 0``) and the NLL sums of the first held-out documents."""
@@ -135,10 +135,10 @@ def evaluate_point(plan: CurvePlan, n_edits: int, model, tok, fmt: str, cases: S
     idx = plan.sample(n_edits)
     sub = [cases[i] for i in idx]
     loc = [pre_loc[i] for i in idx] if pre_loc else None
-    scores = evaluate_cases(model, tok, fmt, sub, loc, 0, batch_size, gen_batch_size)
+    scores = evaluate_cases(model, tok, fmt, sub, loc, 0, batch_size, gen_batch_size, chat_template=chat_template)
     n_flu = min(plan.fluency_cases, len(sub))
     if fmt in CF_FORMATS and fluency_tokens > 0 and n_flu > 0:
-        for s, f in zip(scores, case_fluency(model, tok, sub[:n_flu], fluency_tokens, gen_batch_size)):
+        for s, f in zip(scores, case_fluency(model, tok, sub[:n_flu], fluency_tokens, gen_batch_size, chat_template=chat_template)):
             s["fluency"] = f
     nll = tokens = None
     if heldout_texts:

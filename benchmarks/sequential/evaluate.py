@@ -22,6 +22,7 @@ def evaluate_cases(
     fluency_tokens: int = 100,
     batch_size: int = 32,
     gen_batch_size: int = 16,
+    chat_template: bool = False,
 ) -> list[dict[str, Any]]:
     """Per-case scores of ``cases`` on the current ``model``.
 
@@ -30,6 +31,7 @@ def evaluate_cases(
         pre_locality: zsRE only: :func:`blue_plugin.evaluation.metrics.zsre_locality_predictions` of the
             unedited model on the same cases.
         fluency_tokens: CounterFact only: new tokens per greedy generation; 0 skips fluency.
+        chat_template: score prompts wrapped in the tokenizer's chat template (``use_chat_template``).
 
     Returns:
         one dict per case with every metric of :data:`blue_plugin.evaluation.metrics.METRICS` (None where
@@ -38,9 +40,9 @@ def evaluate_cases(
     from blue_plugin.evaluation import metrics
 
     if fmt in CF_FORMATS:
-        scores = metrics.counterfact_case_scores(model, tok, cases, batch_size)
+        scores = metrics.counterfact_case_scores(model, tok, cases, batch_size, chat_template=chat_template)
         if fluency_tokens > 0:
-            flu = metrics.case_fluency(model, tok, cases, fluency_tokens, gen_batch_size)
+            flu = metrics.case_fluency(model, tok, cases, fluency_tokens, gen_batch_size, chat_template=chat_template)
         else:
             flu = [None] * len(cases)
         for s, f in zip(scores, flu):
@@ -48,7 +50,7 @@ def evaluate_cases(
     elif fmt == "zsre":
         if pre_locality is None:
             raise ValueError("zsRE evaluation needs the unedited model's locality predictions (pre_locality)")
-        scores = metrics.zsre_case_scores(model, tok, cases, pre_locality, batch_size)
+        scores = metrics.zsre_case_scores(model, tok, cases, pre_locality, batch_size, chat_template=chat_template)
     else:
         raise ValueError(f"no evaluation for dataset format {fmt!r}; expected one of {CF_FORMATS + ('zsre',)}")
     for s in scores:
@@ -64,10 +66,10 @@ def summarize(scores: Sequence[dict], seed: int) -> dict[str, dict[str, Any]]:
     return metrics.summarize(scores, seed=seed)
 
 
-def pre_locality(model, tok, fmt: str, cases: Sequence[Any], batch_size: int) -> Optional[list]:
+def pre_locality(model, tok, fmt: str, cases: Sequence[Any], batch_size: int, chat_template: bool = False) -> Optional[list]:
     """zsRE: the unedited model's locality predictions (specificity compares against them); else None."""
     if fmt != "zsre":
         return None
     from blue_plugin.evaluation.metrics import zsre_locality_predictions
 
-    return zsre_locality_predictions(model, tok, cases, batch_size)
+    return zsre_locality_predictions(model, tok, cases, batch_size, chat_template=chat_template)

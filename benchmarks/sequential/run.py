@@ -163,11 +163,11 @@ def run_benchmark(
 
     def evaluate(sub_cases, loc) -> list[dict[str, Any]]:
         return evaluate_cases(model, tok, fmt, sub_cases, loc, cfg.fluency_tokens, cfg.eval_batch_size,
-                              cfg.gen_batch_size)
+                              cfg.gen_batch_size, chat_template=base_hp.use_chat_template)
 
     def pre_scores() -> dict[str, Any]:
         t0 = time.perf_counter()
-        loc = pre_locality(model, tok, fmt, cases, cfg.eval_batch_size)
+        loc = pre_locality(model, tok, fmt, cases, cfg.eval_batch_size, base_hp.use_chat_template)
         scores = evaluate(cases, loc)
         return {"scores": scores, "summary": summarize(scores, cfg.seed), "pre_locality": loc,
                 "eval_time_s": time.perf_counter() - t0}
@@ -188,7 +188,8 @@ def run_benchmark(
     def curve_point(done: int) -> dict[str, Any]:
         return evaluate_point(plan, done, model, tok, fmt, cases, pre.get("pre_locality"),
                               heldout["texts"] if heldout else None, fluency_tokens=cfg.fluency_tokens,
-                              max_length=ppl_length, batch_size=cfg.eval_batch_size, gen_batch_size=cfg.gen_batch_size)
+                              max_length=ppl_length, batch_size=cfg.eval_batch_size, gen_batch_size=cfg.gen_batch_size,
+                              chat_template=base_hp.use_chat_template)
 
     method_results: dict[str, dict[str, Any]] = {}
     try:
