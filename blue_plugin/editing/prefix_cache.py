@@ -32,8 +32,9 @@ class PrefixCache:
     Stored padded, so that a chunk is gathered with one ``index_select`` per layer:
     ``keys[l]`` / ``values[l]``: (rows, heads, P, head_dim) with row i's ``lookup_i`` positions
     right-aligned against P = the longest prefix (zeros before them), or None for the layers a
-    replayed step never runs (all blocks up to the edited one except the first, whose cache
-    length tells the model how many positions are cached); ``out``: (rows, S, d_model) with
+    replayed step never runs (all blocks up to the edited one except the first, and in a hybrid
+    model the first of each attention kind, whose cache lengths tell the model how many positions
+    are cached: :func:`first_of_each_kind`); ``out``: (rows, S, d_model) with
     row i's output from its edited token on left-aligned (None without replay).
     """
 
@@ -70,7 +71,8 @@ class PrefixCache:
                     "(batch, heads, positions, head_dim) for these rows"
                 )
             if not keys:  # first group: allocate the padded stores
-                kept = {0, *range(edited + 1, len(layers))} if replay else set(range(len(layers)))
+                kept = {*first_of_each_kind(model, len(layers)), *range(edited + 1, len(layers))} if replay \
+                    else set(range(len(layers)))
                 for l, layer in enumerate(layers):
                     if l not in kept:
                         keys.append(None)
@@ -150,6 +152,15 @@ class PrefixCache:
             data.append((k.index_select(0, idx)[:, :, self.prefix_len - p_max:],
                          v.index_select(0, idx)[:, :, self.prefix_len - p_max:]))
         return data
+
+
+def first_of_each_kind(model, n_layers: int) -> set[int]:
+    """The layers whose cache length sizes the attention masks: layer 0 and, in a hybrid model
+    (Gemma 3: sliding-window and full attention, ``config.layer_types``), the first layer of each
+    attention kind, from which transformers sizes that kind's mask."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = list(getattr(config, "layer_types", None) or [])
+    return {0} | ({types.index(t) for t in set(types)} if len(types) == n_layers else set())
 
 
 def budget_groups(items, width, max_tokens: int) -> list[list]:
