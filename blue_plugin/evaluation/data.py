@@ -168,19 +168,36 @@ def _locality_pairs(prompts: Any, answers: Any, case_id: Any) -> tuple[list[str]
     return p, a
 
 
-def _parse_counterfact(r: dict, index: int) -> EditCase:
+@dataclass(frozen=True)
+class _FlatLayout:
+    """Key names of a flat CounterFact layout (EasyEdit's edit file, or its template variant)."""
+
+    target_new: str
+    ground_truth: str
+    rephrase: str
+    template: bool  # the prompt holds '{}' for the subject (else the subject is in the prompt)
+
+
+_COUNTERFACT = _FlatLayout("target_new", "ground_truth", "rephrase_prompt", template=False)
+_COUNTERFACT_TEMPLATES = _FlatLayout("edited_knowledge", "fact_knowledge", "rephrased_prompt", template=True)
+
+
+def _parse_flat(r: dict, index: int, keys: _FlatLayout) -> EditCase:
     cid = r.get("case_id", index)
+    subject = _get(r, "subject", cid)
     prompt = _get(r, "prompt", cid)
+    if keys.template:
+        prompt = _fill(prompt, subject, cid)
     loc_p, loc_a = _locality_pairs(r.get("locality_prompt"), r.get("locality_ground_truth"), cid)
-    known = {"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+    known = {"case_id", "prompt", "subject", keys.target_new, keys.ground_truth, keys.rephrase,
              "locality_prompt", "locality_ground_truth"}
     return EditCase(
         case_id=cid,
         prompt=prompt,
-        subject=_get(r, "subject", cid),
-        target_new=_get(r, "target_new", cid),
-        ground_truth=_get(r, "ground_truth", cid),
-        rephrase_prompts=_str_list(r.get("rephrase_prompt"), "rephrase_prompt", cid),
+        subject=subject,
+        target_new=_get(r, keys.target_new, cid),
+        ground_truth=_get(r, keys.ground_truth, cid),
+        rephrase_prompts=_str_list(r.get(keys.rephrase), keys.rephrase, cid),
         locality_prompts=loc_p,
         locality_answers=loc_a,
         generation_prompts=[prompt],
@@ -223,27 +240,6 @@ def _parse_counterfact_rome(r: dict, index: int) -> EditCase:
     )
 
 
-def _parse_counterfact_templates(r: dict, index: int) -> EditCase:
-    cid = r.get("case_id", index)
-    subject = _get(r, "subject", cid)
-    prompt = _fill(_get(r, "prompt", cid), subject, cid)
-    loc_p, loc_a = _locality_pairs(r.get("locality_prompt"), r.get("locality_ground_truth"), cid)
-    known = {"case_id", "prompt", "subject", "fact_knowledge", "edited_knowledge", "rephrased_prompt",
-             "locality_prompt", "locality_ground_truth"}
-    return EditCase(
-        case_id=cid,
-        prompt=prompt,
-        subject=subject,
-        target_new=_get(r, "edited_knowledge", cid),
-        ground_truth=_get(r, "fact_knowledge", cid),
-        rephrase_prompts=_str_list(r.get("rephrased_prompt"), "rephrased_prompt", cid),
-        locality_prompts=loc_p,
-        locality_answers=loc_a,
-        generation_prompts=[prompt],
-        extra={k: v for k, v in r.items() if k not in known},
-    )
-
-
 def _parse_zsre(r: dict, index: int) -> EditCase:
     cid = r.get("case_id", index)
     prompt = _get(r, "src", cid)
@@ -266,9 +262,9 @@ def _parse_zsre(r: dict, index: int) -> EditCase:
 
 
 _PARSERS: dict[str, Callable[[dict, int], EditCase]] = {
-    "counterfact": _parse_counterfact,
+    "counterfact": lambda r, i: _parse_flat(r, i, _COUNTERFACT),
     "counterfact_rome": _parse_counterfact_rome,
-    "counterfact_templates": _parse_counterfact_templates,
+    "counterfact_templates": lambda r, i: _parse_flat(r, i, _COUNTERFACT_TEMPLATES),
     "zsre": _parse_zsre,
 }
 
