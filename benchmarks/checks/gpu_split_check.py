@@ -54,12 +54,13 @@ REQUESTS = [
 ]
 
 
-def make_tokenizer():
+def make_tokenizer(words=WORDS):
+    """A word-level tokenizer over ``words`` (lower-cased, whitespace-split, BOS prepended)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS:
+    for w in words:
         vocab.setdefault(w, len(vocab))
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.normalizer = normalizers.Lowercase()

@@ -13,6 +13,7 @@ import torch
 from blue_plugin import apply_blue_to_model, get_state
 from blue_plugin.errors import BLUEConfigError
 from blue_plugin.hparams import BLUEHyperParams
+from benchmarks.checks.gpu_split_check import make_tokenizer
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -32,18 +33,7 @@ REQUESTS = [
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.normalizer = normalizers.Lowercase()
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return make_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
