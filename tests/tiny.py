@@ -258,7 +258,7 @@ def rule_spy(monkeypatch, rule_name: str, callback=None, events: list | None = N
     def spy(x, hp):
         delta = original(rule, x, hp)
         calls.append({
-            "K": x.K.clone(), "R": x.R.clone(), "W": x.W.clone(), "C0": x.C0.clone(),
+            "K": x.K.clone(), "R": x.R.clone(), "W": x.W.clone(), "C0": None if x.C0 is None else x.C0.clone(),
             "KpKp": None if x.KpKp is None else x.KpKp.clone(),
             "P": None if x.P is None else x.P.clone(), "delta": delta.clone(),
             "extra": callback() if callback is not None else None,

@@ -34,16 +34,15 @@ from ..errors import BLUEConfigError, BLUEEditError
 from ..hparams import BLUEHyperParams
 from ..model.hooks import frozen
 from ..model.layout import ModelLayout, as_out_in, find_module, from_out_in, resolve_layout
-from ..model.loading import default_cache_dir
-from ..stats.moments import get_second_moments
 from .batch import PendingBatch
 from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from .keys import keys_and_outputs
 from .observer import EditObserver, check_observer, observed
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
-from .rules import LayerInputs, get_rule, null_space_projector
+from .rules import LayerInputs, get_rule
 from .selection import choose_boundary_layers, window_layers
 from .state import EditState, check_finite_parameters, get_state
+from .statistics import EditStatistics
 from .targets import TargetResult, compute_targets
 
 logger = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ class Editor:
         self.state = state if state is not None else get_state(model)
         self.observer = check_observer(observer)
         self.solve_dtype = SOLVE_DTYPES[hparams.solve_dtype]
+        self.statistics = EditStatistics(self)
         if tok.pad_token_id is None and tok.eos_token_id is None:
             raise BLUEConfigError("the tokenizer has neither a pad nor an eos token; set tok.pad_token.")
 
@@ -125,57 +125,26 @@ class Editor:
         self.state.prefixes[key] = with_groups(cached, params)
         return self.state.prefixes[key]
 
+    # ---- statistics (blue_plugin.editing.statistics) --------------------------------------------
     def c0_key(self, layer: int) -> tuple:
         """Key of ``layer``'s C0 in ``state.second_moments`` (layer and the statistics settings)."""
-        hp = self.hp
-        return (layer, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length, hp.mom2_dtype, hp.mom2_adjustment)
+        return self.statistics.c0_key(layer)
 
     def ensure_second_moments(self, layers: Sequence[int], progress: bool = True) -> list[int]:
-        """Load (or compute, in one pass, with a progress bar unless ``progress=False``) C0 for
-        ``layers`` into the state. Returns the layers whose C0 was not in the state yet."""
-        missing = [l for l in layers if self.c0_key(l) not in self.state.second_moments]
-        if not missing:
-            return missing
-        if not self.hp.mom2_adjustment:
-            for l in missing:
-                d_in = self.W(l).shape[1]
-                self.state.second_moments[self.c0_key(l)] = torch.eye(d_in, dtype=self.solve_dtype, device=self.weight(l).device)
-            return missing
-        if any(ls.post_fp is not None for ls in self.state.layers.values()):
-            logger.warning("loading key statistics after edits were made: if they are not cached yet they are computed on the edited model")
-        names = {l: self.layout.rewrite(l) for l in missing}
-        cache_dir = self.hp.stats_dir if self.hp.stats_dir is not None else default_cache_dir() / "stats"
-        model_id = getattr(self.model.config, "_name_or_path", None) or self.hp.model_name
-        moments = get_second_moments(
-            self.model,
-            self.tok,
-            list(names.values()),
-            corpus=self.hp.mom2_dataset,
-            n_samples=self.hp.mom2_n_samples,
-            max_length=self.hp.mom2_max_length,
-            mom2_dtype=self.hp.mom2_dtype,
-            cache_dir=cache_dir,
-            model_id=str(model_id),
-            progress=progress,
-        )
-        for l, name in names.items():
-            C0 = moments[name].to(device=self.weight(l).device, dtype=self.solve_dtype)
-            self.state.second_moments[self.c0_key(l)] = C0
-        return missing
+        """Load (or compute, in one pass, with a progress bar unless ``progress=False``) the
+        statistics of ``layers`` into the state: C0, or for AlphaEdit C0 or a projection imported
+        into the cache (then C0 is not computed; :mod:`blue_plugin.editing.statistics`). Returns
+        the layers whose statistics were not in the state yet."""
+        return self.statistics.ensure(layers, progress)
 
     def C0(self, layer: int) -> torch.Tensor:
-        return self.state.second_moments[self.c0_key(layer)]
+        """``layer``'s C0 (loaded by :meth:`ensure_second_moments`; a
+        :class:`~blue_plugin.errors.BLUEStatisticsError` when only an imported projection is)."""
+        return self.statistics.C0(layer)
 
     def projector(self, layer: int) -> torch.Tensor:
-        key = self.c0_key(layer) + (self.hp.nullspace_threshold,)
-        if key not in self.state.projectors:
-            P, rank = null_space_projector(self.C0(layer), self.hp.nullspace_threshold)
-            d = P.shape[0]
-            logger.info("AlphaEdit layer %d: null space of C0 has dimension %d of %d (threshold %g)", layer, rank, d, self.hp.nullspace_threshold)
-            if rank == 0:
-                logger.warning("layer %d: the null space is empty at threshold %g; AlphaEdit cannot change this layer", layer, self.hp.nullspace_threshold)
-            self.state.projectors[key] = (P, rank)
-        return self.state.projectors[key][0]
+        """AlphaEdit's null-space projector of ``layer`` (imported, or derived from C0 and cached)."""
+        return self.statistics.projector(layer)
 
     # ---- probes: the steps of a batch on the model as it is -----------------------------------
     def targets_at(self, reqs: Sequence[EditRequest], prefixes: Sequence[str], layer: int,
@@ -209,7 +178,7 @@ class Editor:
         PRUNE original (the current weight before a layer's first edit): the update the layers
         after it see during the walk (RECT with ``rect_mask_timing: batch`` masks it only when
         the batch is written, PRUNE with ``prune_timing: sequence`` restrains only the served
-        weights). Nothing is written. ``C0`` must be loaded (:meth:`ensure_second_moments`)."""
+        weights). Nothing is written. The statistics must be loaded (:meth:`ensure_second_moments`)."""
         x, W_new, _ = self._solve(layer, K, R, PendingBatch(originals={layer: self.weight(layer).detach()}))
         return W_new - x.W
 
@@ -230,7 +199,7 @@ class Editor:
             W=W,
             K=K.T.to(dev, sd),
             R=R.T.to(dev, sd),
-            C0=self.C0(layer),
+            C0=self.C0(layer) if rule.needs_c0 else None,
             KpKp=ls.kpkp if ls is not None and rule.uses_kpkp(hp) else None,
             P=self.projector(layer) if rule.needs_projector else None,
             W_orig=W_orig,

@@ -88,12 +88,14 @@ def prune_restrain_with_info(W_new: torch.Tensor, W_orig: torch.Tensor, sigma_ma
 
 @dataclass
 class LayerInputs:
-    """What a rule may use for one layer (tensors in the solve dtype, on the layer's device)."""
+    """What a rule may use for one layer (tensors in the solve dtype, on the layer's device).
+    ``C0`` is ``None`` for a rule that does not need it (``needs_c0 = False``: AlphaEdit, whose
+    update uses the projector ``P`` only)."""
 
     W: torch.Tensor
     K: torch.Tensor
     R: torch.Tensor
-    C0: torch.Tensor
+    C0: Optional[torch.Tensor]
     KpKp: Optional[torch.Tensor]
     P: Optional[torch.Tensor] = None
     W_orig: Optional[torch.Tensor] = None
@@ -104,9 +106,11 @@ class UpdateRule:
     """Base rule: ``delta`` computes the change of W while the layers are walked; ``finalize``
     may adjust each new weight at once; ``batch_update`` may adjust each layer's whole update of
     the batch when the batch is written; ``restrains_sequence`` says whether the served weights
-    are a restrained form of the sequence's weights (PRUNE)."""
+    are a restrained form of the sequence's weights (PRUNE). ``needs_c0``: whether ``delta`` reads
+    ``LayerInputs.C0`` (when not, the engine may edit with an imported projector alone)."""
 
     name = "base"
+    needs_c0 = True
     needs_projector = False
     needs_original = False
     always_accumulates = False
@@ -201,6 +205,7 @@ class PruneRule(MemitRule):
 
 class AlphaEditRule(UpdateRule):
     name = "AlphaEdit"
+    needs_c0 = False  # the update reads P (and K_p K_p^T), never C0
     needs_projector = True
     always_accumulates = True
 

@@ -57,6 +57,13 @@ COMPARED_KEYS: tuple[str, ...] = (
     "mom2_dtype",
 )
 
+#: ``kind`` metadata of a cache file: a second moment C_0 (files without ``kind`` are ones) or
+#: AlphaEdit's null-space projection P imported from its ``null_space_project.pt``
+#: (:mod:`blue_plugin.stats.projection`), which also compares :data:`PROJECTION_KEYS`.
+KIND_SECOND_MOMENT = "second_moment"
+KIND_PROJECTION = "projection"
+PROJECTION_KEYS: tuple[str, ...] = ("kind", "nullspace_threshold")
+
 _TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. Paris 1889, naïve café — 42%!"
 _FINGERPRINT_ELEMENTS = 1 << 16
 
@@ -202,6 +209,12 @@ def cache_file_name(meta: dict[str, str]) -> str:
     )
 
 
+def projection_file_name(meta: dict[str, str], threshold: float) -> str:
+    """The projection file of a request: :func:`cache_file_name` with ``__P_thr<threshold>``
+    before the suffix (``threshold``: the ``nullspace_threshold`` P was computed with)."""
+    return cache_file_name(meta).replace(".safetensors", f"__P_thr{slug(format(float(threshold), 'g'))}.safetensors")
+
+
 def _sha256_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
@@ -234,13 +247,16 @@ def load_moment(
     expected: dict[str, str],
     device: torch.device | str = "cpu",
     d_in: int | None = None,
+    kind: str = KIND_SECOND_MOMENT,
 ) -> torch.Tensor | None:
     """Read a cache file if it is intact and matches ``expected``; otherwise log a warning and
     return ``None`` (caller recomputes). Never raises for a bad file.
 
-    Checks: readable safetensors, all :data:`COMPARED_KEYS` equal, a float64 square tensor of
-    side ``d_in`` (when given) equal to the stored ``d_in``, its sha256 equal to the stored one,
-    finite values, positive token count.
+    Checks: readable safetensors of ``kind`` (:data:`KIND_SECOND_MOMENT` or
+    :data:`KIND_PROJECTION`), all :data:`COMPARED_KEYS` (and for a projection
+    :data:`PROJECTION_KEYS`) equal, a float64 square tensor of side ``d_in`` (when given) equal to
+    the stored ``d_in``, its sha256 equal to the stored one, finite values, positive token count
+    (second moments).
     """
     path = Path(path)
     if not path.exists():
@@ -248,7 +264,12 @@ def load_moment(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            diff = [k for k in COMPARED_KEYS if meta.get(k) != expected.get(k)]
+            if meta.get("kind", KIND_SECOND_MOMENT) != kind:
+                logger.warning("statistics cache %s holds a %s, not a %s; not used", path,
+                               meta.get("kind", KIND_SECOND_MOMENT), kind)
+                return None
+            compared = COMPARED_KEYS + (PROJECTION_KEYS if kind == KIND_PROJECTION else ())
+            diff = [k for k in compared if meta.get(k) != expected.get(k)]
             if diff:
                 details = ", ".join(f"{k}: file {meta.get(k)!r} != wanted {expected.get(k)!r}" for k in diff[:4])
                 logger.warning("statistics cache %s is for another request (%s); recomputing", path, details)
@@ -264,7 +285,7 @@ def load_moment(
             problems.append("checksum mismatch (corrupted data)")
         elif not torch.isfinite(tensor).all():
             problems.append("non-finite values")
-        elif int(meta.get("count", "0")) < 1:
+        elif kind == KIND_SECOND_MOMENT and int(meta.get("count", "0")) < 1:
             problems.append("no token count")
         if problems:
             logger.warning("statistics cache %s is invalid (%s); recomputing", path, problems[0])

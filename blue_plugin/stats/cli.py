@@ -3,7 +3,8 @@
 the editing engine reads, in one process or sharded under ``torchrun``
 (:mod:`blue_plugin.stats.distributed`); ``python -m blue_plugin.stats import FILE ...`` checks a
 second-moment file of ROME / EasyEdit / AlphaEdit and imports it into that cache
-(:mod:`blue_plugin.stats.importer`)."""
+(:mod:`blue_plugin.stats.importer`), or AlphaEdit's null-space projections
+(:mod:`blue_plugin.stats.projection`)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import BLUEStatisticsError
 from ..hparams import BLUEHyperParams
 from ..model.layout import find_module, resolve_layout
 from ..model.loading import default_cache_dir, load_model
@@ -23,6 +25,7 @@ from .accumulate import MOM2_DTYPES
 from .cache import expected_d_in
 from .distributed import distributed_second_moments
 from .importer import DEFAULT_SYMMETRY_TOL, SOURCE_FORMATS, check_file, import_second_moment
+from .projection import DEFAULT_PROJECTION_TOL, check_projection, import_projection
 from .process_group import RankFailed, init_distributed
 from .sources import SUBSETS, check_positive_int
 
@@ -39,6 +42,15 @@ def _parse_layers(text: str) -> list[int]:
     if not layers or any(x < 0 for x in layers):
         raise ValueError(f"--layers must list non-negative layer indices such as 4,8, got {text!r}")
     return sorted(dict.fromkeys(layers))
+
+
+def _parse_ordered_layers(text: str) -> list[int]:
+    """``--layers`` of ``import``: the order is kept (slice i of a projection file is layer i)."""
+    layers = _parse_layers(text)
+    given = [int(x) for x in text.replace(" ", "").split(",") if x]
+    if len(given) != len(layers):
+        raise ValueError(f"--layers lists a layer twice: {text!r}")
+    return given
 
 
 def build_arg_parser():
@@ -178,7 +190,9 @@ def build_import_parser():
             "same state as a torch.save .pt) -- format, no pickles, sample count, shape against the module, "
             "finiteness, symmetry -- and store its mean in the cache the editing engine reads, as the statistics "
             "of the config's mom2_dataset / mom2_n_samples / mom2_max_length / mom2_dtype. AlphaEdit's "
-            "null_space_project.pt (projections, not covariances) is refused. A refused file writes nothing."
+            "null_space_project.pt (a tensor (L, d, d) of null-space projections; --layers maps its slices to layers "
+            "in order) is checked -- shape, finiteness, symmetry, P P = P, eigenvalues 0 or 1 -- and stored as "
+            "projections that AlphaEdit edits with, without C0. A refused file writes nothing."
         ),
     )
     p.add_argument("source", help="the file to import (.npz/.npy: numpy; .pt/.pth/.bin: torch)")
@@ -188,9 +202,17 @@ def build_import_parser():
     where = p.add_mutually_exclusive_group()
     where.add_argument("--layer", type=int, default=None, help="layer the file belongs to (its rewrite module)")
     where.add_argument("--module", default=None, help="module name instead, e.g. model.layers.4.mlp.down_proj")
+    where.add_argument("--layers", default=None,
+                       help="layers of a projection file's slices, in order, e.g. 4,5,6,7,8 (AlphaEdit's layers)")
     p.add_argument("--d-in", type=int, default=None,
                    help="key dimension to check against; without --hparams the file is only checked")
-    p.add_argument("--format", choices=list(SOURCE_FORMATS), default=None, help="source format (default: by suffix)")
+    p.add_argument("--format", choices=[*SOURCE_FORMATS, "projection"], default=None,
+                   help="source format (default: by suffix; a .pt holding projections, or --layers, means projection)")
+    p.add_argument("--nullspace-threshold", type=float, default=None,
+                   help="threshold the projections were computed with (default: the config's nullspace_threshold)")
+    p.add_argument("--projection-tol", type=float, default=DEFAULT_PROJECTION_TOL,
+                   help=f"tolerance of the symmetry, idempotency and eigenvalue checks of a projection "
+                        f"(default {DEFAULT_PROJECTION_TOL:g})")
     p.add_argument("--corpus", default=None, help="corpus the file stands for (default: mom2_dataset)")
     p.add_argument("--n-samples", type=int, default=None, help="documents it stands for (default: mom2_n_samples)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per document (default: mom2_max_length)")
@@ -218,43 +240,74 @@ def import_main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         d_in = check_positive_int(args.d_in, "--d-in") if args.d_in is not None else None
+        layers = _parse_ordered_layers(args.layers) if args.layers is not None else None
+        projection = args.format == "projection" or layers is not None or args.nullspace_threshold is not None
         if args.hparams is None:
             if d_in is None:
-                raise ValueError("give --hparams with --layer or --module to import into the cache, "
+                raise ValueError("give --hparams with --layer, --layers or --module to import into the cache, "
                                  "or --d-in to only check the file")
-            src, _, asym = check_file(args.source, d_in, args.format, args.symmetry_tol)
-            logger.info("%s passes every check (%s, %d tokens, %d x %d, max asymmetry %.3g); nothing written: "
-                        "give --hparams and --layer to import it", src.path, src.source_format, src.count, d_in,
-                        d_in, asym)
-            return 0
-        if args.layer is None and args.module is None:
-            raise ValueError("give --layer N or --module NAME: the module whose keys the file describes")
+            return _check_only(args, d_in, None if layers is None else len(layers), projection)
+        if args.layer is None and args.module is None and layers is None:
+            raise ValueError("give --layer N, --layers N1,N2,... or --module NAME: the module(s) whose keys the "
+                             "file describes")
         hp = BLUEHyperParams.from_hparams(args.hparams)
         changes = {k: v for k, v in {
             "model_name": args.model, "mom2_dataset": args.corpus, "mom2_n_samples": args.n_samples,
             "mom2_max_length": args.max_length, "mom2_dtype": args.mom2_dtype}.items() if v is not None}
         hp = hp.replace(**changes) if changes else hp
         model, tok = load_model(hp.model_name, dtype=_CLI_DTYPES[args.dtype] if args.dtype else None)
-        name = args.module if args.module is not None else resolve_layout(model, hp).rewrite(args.layer)
-        actual = expected_d_in(find_module(model, name))
+        layout = resolve_layout(model, hp)
+        if layers is not None:
+            names = [layout.rewrite(layer) for layer in layers]
+        else:
+            names = [args.module if args.module is not None else layout.rewrite(args.layer)]
+        actual = expected_d_in(find_module(model, names[0]))
         if d_in is not None and actual is not None and d_in != actual:
-            raise ValueError(f"--d-in {d_in} disagrees with the key dimension {actual} of {name}")
+            raise ValueError(f"--d-in {d_in} disagrees with the key dimension {actual} of {names[0]}")
         if args.check_only:
-            src, _, asym = check_file(args.source, actual if actual is not None else d_in, args.format,
-                                      args.symmetry_tol)
-            logger.info("%s passes every check for %s (%s, %d tokens, max asymmetry %.3g); nothing written",
-                        src.path, name, src.source_format, src.count, asym)
-            return 0
+            return _check_only(args, actual if actual is not None else d_in, len(names), projection, names)
         cache_dir = args.stats_dir or (hp.stats_dir if hp.stats_dir is not None else default_cache_dir() / "stats")
-        result = import_second_moment(
-            args.source, model, tok, name, corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples,
-            max_length=hp.mom2_max_length, cache_dir=cache_dir,
-            model_id=str(getattr(model.config, "_name_or_path", None) or hp.model_name),
-            mom2_dtype=hp.mom2_dtype, subset=args.subset, source_format=args.format,
-            symmetry_tol=args.symmetry_tol, overwrite=args.overwrite, progress=not args.no_progress,
-        )
-        logger.info("%s -> %s (%d tokens)", name, result.path, result.count)
+        settings = dict(corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
+                        cache_dir=cache_dir, model_id=str(getattr(model.config, "_name_or_path", None) or hp.model_name),
+                        mom2_dtype=hp.mom2_dtype, subset=args.subset, overwrite=args.overwrite,
+                        progress=not args.no_progress)
+        if not projection:
+            try:
+                result = import_second_moment(args.source, model, tok, names[0], source_format=args.format,
+                                              symmetry_tol=args.symmetry_tol, **settings)
+                logger.info("%s -> %s (%d tokens)", names[0], result.path, result.count)
+                return 0
+            except BLUEStatisticsError as e:
+                if e.check != "projection":
+                    raise
+                logger.info("%s holds null-space projections: importing them as AlphaEdit's projections", args.source)
+        threshold = args.nullspace_threshold if args.nullspace_threshold is not None else hp.nullspace_threshold
+        results = import_projection(args.source, model, tok, names, threshold=threshold, tol=args.projection_tol,
+                                    **settings)
+        for r in results:
+            logger.info("%s -> %s (projection of rank %d, threshold %g)", r.module, r.path, r.count, threshold)
         return 0
     except ValueError as e:  # refused files (BLUEStatisticsError) and user-fixable settings
         logger.error("%s", e)
         return 2
+
+
+def _check_only(args, d_in: int | None, n_layers: int | None, projection: bool, names: Sequence[str] = ()) -> int:
+    """Every check of ``args.source`` (as a second moment, or as projections when ``projection``
+    or when the file turns out to hold them), nothing written."""
+    where = f" for {', '.join(names)}" if names else ""
+    if not projection:
+        try:
+            src, _, asym = check_file(args.source, d_in, args.format, args.symmetry_tol)
+            logger.info("%s passes every check%s (%s, %d tokens, %d x %d, max asymmetry %.3g); nothing written%s",
+                        src.path, where, src.source_format, src.count, d_in, d_in, asym,
+                        "" if names else ": give --hparams and --layer to import it")
+            return 0
+        except BLUEStatisticsError as e:
+            if e.check != "projection":
+                raise
+    proj = check_projection(args.source, d_in, n_layers, args.projection_tol)
+    logger.info("%s passes every check%s as %d null-space projection(s) of d = %d (ranks %s); nothing written%s",
+                proj.path, where, len(proj.slices), proj.tensor.shape[-1], [c.rank for c in proj.slices],
+                "" if names else ": give --hparams and --layers to import it")
+    return 0

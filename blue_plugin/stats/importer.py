@@ -14,13 +14,12 @@ Accepted sources (``source_format``; by default from the file's suffix):
     nested under ``mom2``; tensors, numbers and strings only). Read with
     ``torch.load(weights_only=True)``.
 
-Refused: AlphaEdit's ``null_space_project.pt`` (``torch.save`` of one float tensor (L, d, d):
-for each edited layer the projection P = U U^T onto the eigenvectors of its C_0 below
-``nullspace_threshold``) and any other bare tensor. The engine caches C_0 only and derives P
-from it (``Editor.projector``, with the configuration's ``nullspace_threshold``); MEMIT, RECT and
-PRUNE need C_0 itself, and C_0 cannot be recovered from P (P keeps the eigenvectors, not the
-eigenvalues). So a projection file is refused with a pointer to the ``layer_stats`` ``.npz`` it
-was computed from (AlphaEdit's ``get_cov`` leaves it in ``stats_dir``).
+AlphaEdit's ``null_space_project.pt`` (``torch.save`` of one float tensor (L, d, d): for each
+edited layer the projection P = U U^T onto the eigenvectors of its C_0 below
+``nullspace_threshold``) is not a second moment -- C_0 cannot be recovered from P, and MEMIT, RECT
+and PRUNE need C_0 itself -- so it is refused here (``projection`` check) and imported as a
+projection by :mod:`blue_plugin.stats.projection`, which AlphaEdit's update can use without C_0.
+Any other bare tensor is refused: it has no sample count.
 
 Checks, in this order, each named in the :class:`~blue_plugin.errors.BLUEStatisticsError` it
 raises (``error.check``): ``format`` (a readable file of a known layout), ``pickle`` (no pickled
@@ -150,7 +149,7 @@ def _read_numpy(path: Path) -> Any:
     return out
 
 
-def _read_torch(path: Path) -> Any:
+def read_torch_file(path: Path) -> Any:
     """What ``torch.load(weights_only=True)`` returns; a pickle it refuses becomes a refusal."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -191,10 +190,10 @@ def _refuse_bare(path: Path, t: Any) -> BLUEStatisticsError:
         layers = f"{t.shape[0]} layer(s) of " if t.dim() == 3 else ""
         return refusal(path, "projection", (
             f"a tensor {tuple(t.shape)} of null-space projections P ({layers}d = {t.shape[-1]}), as AlphaEdit's "
-            "null_space_project.pt holds. This engine caches C0 and derives P from it with the configuration's "
-            "nullspace_threshold; C0 cannot be recovered from P (P keeps eigenvectors, not eigenvalues), and "
-            "MEMIT, RECT and PRUNE need C0 itself. Import the layer_stats .npz that P was computed from instead "
-            "(<stats_dir>/<model>/<corpus>_stats/<module>_<precision>_mom2_<n>.npz)"))
+            "null_space_project.pt holds, not a second moment: C0 cannot be recovered from P, and MEMIT, RECT and "
+            "PRUNE need C0 itself. Import it as a projection for AlphaEdit (python -m blue_plugin.stats import FILE "
+            "--hparams H --layers L1,L2,... [--nullspace-threshold T]), or import the layer_stats .npz that P was "
+            "computed from (<stats_dir>/<model>/<corpus>_stats/<module>_<precision>_mom2_<n>.npz)"))
     if not isinstance(t, (torch.Tensor, np.ndarray)):
         return refusal(path, "format", f"it holds a {type(t).__name__}, not a state dict with 'mom2.mom2' and "
                                        "'mom2.count'")
@@ -257,7 +256,7 @@ def read_source(path: str | os.PathLike, source_format: str | None = None) -> So
     if fmt not in SOURCE_FORMATS:
         raise refusal(path, "format", f"cannot tell the format from the suffix {path.suffix!r}; "
                                       f"give the format ({' or '.join(SOURCE_FORMATS)})")
-    data = _read_numpy(path) if fmt == "npz" else _read_torch(path)
+    data = _read_numpy(path) if fmt == "npz" else read_torch_file(path)
     if not isinstance(data, Mapping):
         raise _refuse_bare(path, data)
     raw_sum, raw_count, count_key = _state(path, data)

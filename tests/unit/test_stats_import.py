@@ -1,7 +1,8 @@
 """Tests for blue_plugin.stats.importer and ``python -m blue_plugin.stats import``: ROME / EasyEdit
 layer_stats files (.npz, and the same state as a torch .pt) become cache files that
-get_second_moments reads without recomputing; bad, pickled and projection files are refused with
-the failed check named and nothing written."""
+get_second_moments reads without recomputing; bad, pickled and projection files are refused as second
+moments with the failed check named and nothing written (projections are imported as such by
+blue_plugin.stats.projection: tests/unit/test_projection_import.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -196,7 +197,7 @@ REFUSALS = {
     "list pt": ("x.pt", lambda p: torch.save([torch.ones(2)], p), "format", "not a state dict"),
     "no second moment": ("x.npz", lambda p: np.savez(p, **{"mean.mean": np.zeros(64)}), "format", "mom2.mom2"),
     "unknown suffix": ("x.txt", lambda p: p.write_text("1 2 3"), "format", "suffix '.txt'"),
-    "projection": ("null_space_project.pt", _projection_pt, "projection", "derives P from it"),
+    "projection": ("null_space_project.pt", _projection_pt, "projection", "Import it as a projection for AlphaEdit"),
     "bare covariance": ("cov.pt", lambda p: torch.save(moment_sum(64, 100) / 100, p), "count", "no sample count"),
 }
 
