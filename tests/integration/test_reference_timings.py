@@ -263,7 +263,7 @@ def test_prune_finalize_is_idempotent_and_does_not_disturb_the_sequence(arch, ca
     info = Editor(prune, tok, hp).finalize()
     assert info == state.history[-1]["change_sigma"]
     assert changed_params(served, prune) == set() and state.same_edits(snap)
-    assert EditSession(prune, tok, hp).finalize() == info  # again: nothing changes
+    assert EditSession(prune, tok, hp, adopt_edits=True).finalize() == info  # again: nothing changes
     assert changed_params(served, prune) == set() and state.same_edits(snap)
     assert Editor(memit, tok, hp_memit).finalize() == {}
 
