@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-batch-size", type=int, default=None, help="default 5")
     ap.add_argument("--bench-methods", default="MEMIT,MEMIT_BLUE")
     ap.add_argument("--quick", action="store_true", help="a short run (CI): 4 edits, 200 corpus documents, 10 steps, "
-                    "a 4-edit benchmark in batches of 2")
+                    "a 4-edit benchmark in batches of 2, held-out perplexity on 50 documents (else 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo"))
     ap.add_argument("--no-bench", action="store_true")
     args = ap.parse_args(argv)
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         return 0
     cmd = [sys.executable, "-m", "benchmarks.sequential", "--data", str(data_path), "--methods", args.bench_methods,
            "--n", str(args.bench_n), "--batch-size", str(args.bench_batch_size), "--seed", "0", "--out", args.out,
-           "--hparams", args.hparams, "--fluency-tokens", "20" if args.quick else "30", "--restart"]
+           "--hparams", args.hparams, "--fluency-tokens", "20" if args.quick else "30",
+           "--heldout-docs", "50" if args.quick else "200", "--restart"]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     print("\n$ " + " ".join(cmd), flush=True)
