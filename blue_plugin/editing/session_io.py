@@ -23,6 +23,7 @@ import filelock
 import torch
 import safetensors.torch
 
+from ..stats.importer import file_sha256
 from .state import fingerprint
 
 #: Version of the session directory layout; :func:`read_manifest` refuses other versions.
@@ -139,14 +140,6 @@ def check_saved_weights(params: dict[str, torch.Tensor], layer_states: dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -196,7 +189,7 @@ def write_session(directory: Path, tensors: dict[str, torch.Tensor], manifest: d
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        manifest = dict(manifest, tensors_file=name, tensors_sha256=sha256_file(path))
+        manifest = dict(manifest, tensors_file=name, tensors_sha256=file_sha256(path))
         try:
             write_atomic(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode("utf-8"))
         except BaseException:
@@ -238,7 +231,7 @@ def read_tensors(directory: Path, manifest: dict[str, Any]) -> tuple[dict[str, t
     tpath = directory / str(manifest["tensors_file"])
     if tpath.name != manifest["tensors_file"] or not tpath.is_file():
         raise BLUESessionError(f"the session's tensor file {str(tpath)!r} is missing; the session is incomplete or was moved in parts")
-    if sha256_file(tpath) != manifest["tensors_sha256"]:
+    if file_sha256(tpath) != manifest["tensors_sha256"]:
         raise BLUESessionError(f"{str(tpath)!r} does not match the checksum in the manifest (corrupted or replaced); the session cannot be used")
     try:
         tensors = safetensors.torch.load_file(str(tpath))

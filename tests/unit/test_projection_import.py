@@ -29,19 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODULES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]  # d_in = 64
 N_SAMPLES, MAX_LENGTH, THRESHOLD = 20, 16, 0.02
 
-
-class Opaque:
-    """A custom class: pickling an instance needs arbitrary-code unpickling to read it back."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-@pytest.fixture()
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "blue_cache"
-    monkeypatch.setenv("BLUE_PLUGIN_CACHE", str(root))
-    return root / "stats"
+from tests.unit.test_stats_import import Opaque, cache  # noqa: E402,F401  (shared fixture and pickle class)
 
 
 def projection(d: int = 64, rank: int = 40, seed: int = 0) -> torch.Tensor:
