@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, METHODS, REPO_ROOT, parse_overrides
 from benchmarks.sequential.config import CHECKPOINT_CHOICES, DTYPES, SequentialConfig
+from benchmarks.sequential.evidence import write_evidence
 from benchmarks.sequential.report import compare_runs, render_table
 from benchmarks.sequential.run import run_benchmark
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="merge earlier runs into one table in --out")
+    p.add_argument("--evidence", nargs="+", default=None, metavar="DIR",
+                   help="write the evidence summary of finished runs (BLUE minus base: better / worse / tie by the "
+                        "95%% interval) to --out/evidence.md")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -84,6 +88,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.evidence:
+        try:
+            res = write_evidence(args.evidence, args.out)
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        print(res["table"])
+        print(f"wrote {res['paths']['table']} and {res['paths']['json']}")
+        return 0
     if args.compare:
         res = compare_runs(args.compare, args.out)
         print(res["table"])
@@ -91,7 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     missing = [f"--{k.replace('_', '-')}" for k in ("data", "methods", "n", "batch_size") if getattr(args, k) is None]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (needed unless --compare is given)")
+        parser.error(f"missing {', '.join(missing)} (needed unless --compare or --evidence is given)")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -1,0 +1,99 @@
+"""The evidence summary of several sequential runs: per model, dataset, N and base method, whether
+BLUE's paired difference from its base method is resolved by the run's cases (the 95 % bootstrap
+interval excludes 0) and in which direction, with the interval.
+
+A verdict says no more than the interval: "BLUE better" / "BLUE worse" when it excludes 0 (for the
+held-out perplexity lower is better, for every other metric higher), "tie" otherwise. Runs are read
+from their ``results.json`` (``blue_vs_base`` as :func:`benchmarks.sequential.report.blue_vs_base`
+stores it; older results without it are computed from their per-case scores)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from benchmarks.common import read_json, write_json
+from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE
+from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys
+
+#: metrics where a lower value is the better one
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def verdict(diff: Optional[dict[str, Any]], metric: str) -> Optional[str]:
+    """"better" / "worse" (for BLUE) when the interval of ``diff`` (BLUE minus base) excludes 0,
+    "tie" when it does not, None when there is no difference to judge."""
+    if not diff or diff.get("mean") is None:
+        return None
+    lo, hi = float(diff["ci_low"]), float(diff["ci_high"])
+    if lo <= 0 <= hi:
+        return "tie"
+    higher = lo > 0
+    return "better" if higher != (metric in LOWER_IS_BETTER) else "worse"
+
+
+def evidence_rows(dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """One row per (run, base method run with its BLUE mode): the run's model, dataset, N, B and,
+    per metric, the difference and its verdict."""
+    rows = []
+    for d in dirs:
+        p = Path(d)
+        f = p / RESULTS_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise ValueError(f"{str(d)!r} holds no {RESULTS_FILE}; pass output folders of finished runs")
+        result = read_json(f)
+        cfg = result["config"]
+        diffs = result.get("blue_vs_base") or blue_vs_base(result)
+        if not diffs:
+            raise ValueError(f"{str(d)!r} has no method run in both modes (e.g. MEMIT and MEMIT_BLUE)")
+        keys = metric_keys(cfg["format"]) + ["perplexity"]
+        for base, per in diffs.items():
+            rows.append({
+                "run": str(d), "model": Path(str(cfg["model"])).name, "data": cfg["format"],
+                "n": cfg["n"], "batch_size": cfg["batch_size"], "base": base,
+                "metrics": {k: {"diff": per.get(k), "verdict": verdict(per.get(k), k)} for k in keys},
+            })
+    return rows
+
+
+def evidence_cell(entry: dict[str, Any], metric: str) -> str:
+    d, v = entry["diff"], entry["verdict"]
+    if v is None:
+        return "n/a"
+    if metric == "perplexity":
+        num = f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+    else:
+        num = f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+    return f"**{v}** {num}" if v != "tie" else f"tie {num}"
+
+
+def render_evidence(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per base method and run, BLUE minus base per metric with its verdict
+    (metrics no run has are left out)."""
+    keys = [k for k in list(METRIC_LABELS) + ["perplexity"]
+            if any(r["metrics"].get(k, {}).get("verdict") for r in rows)]
+    labels = {**METRIC_LABELS, "perplexity": PPL_LABEL}
+    lines = [
+        "| Model | Data | N (B) | Base | " + " | ".join(labels[k] for k in keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
+    for r in rows:
+        cells = [evidence_cell(r["metrics"][k], k) if k in r["metrics"] else "n/a" for k in keys]
+        lines.append(f"| {r['model']} | {r['data']} | {r['n']} ({r['batch_size']}) | {r['base']} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "BLUE minus its base method, paired over the same cases (held-out perplexity: over the same "
+              "documents), x100 except perplexity, 95 % bootstrap interval. **better** / **worse**: the interval "
+              "excludes 0 (lower perplexity is better); tie: it does not."]
+    return "\n".join(lines) + "\n"
+
+
+def write_evidence(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """Write ``out/evidence.md`` and ``out/evidence.json`` for the runs in ``dirs``."""
+    rows = evidence_rows(dirs)
+    table = render_evidence(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evidence.md").write_text(table, encoding="utf-8")
+    write_json(out / "evidence.json", {"rows": rows})
+    return {"table": table, "rows": rows,
+            "paths": {"table": str(out / "evidence.md"), "json": str(out / "evidence.json")}}

@@ -1,0 +1,69 @@
+"""The evidence summary (``python -m benchmarks.sequential --evidence``): verdicts follow the
+interval (and the direction in which a metric is better), rows come from ``blue_vs_base`` or
+from per-case scores, and folders without results are refused."""
+import json
+
+import pytest
+
+from benchmarks.sequential import cli
+from benchmarks.sequential.evidence import evidence_rows, render_evidence, verdict, write_evidence
+
+
+def d(mean, lo, hi):
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": 10}
+
+
+def test_verdict_follows_the_interval_and_the_better_direction():
+    assert verdict(d(0.07, 0.03, 0.12), "generalization") == "better"
+    assert verdict(d(-0.05, -0.09, -0.01), "specificity") == "worse"
+    assert verdict(d(0.04, -0.02, 0.11), "efficacy") == "tie"
+    assert verdict(d(-0.01, -0.03, 0.0), "efficacy") == "tie"  # an interval ending at 0 resolves nothing
+    assert verdict(d(-0.5, -0.8, -0.2), "perplexity") == "better"  # lower perplexity is better
+    assert verdict(d(0.5, 0.2, 0.8), "perplexity") == "worse"
+    assert verdict(None, "fluency") is None and verdict({"mean": None}, "fluency") is None
+
+
+def _result(tmp_path, name, with_diffs):
+    scores = lambda vals: [{"case_id": i, "efficacy": v, "generalization": v, "specificity": 1.0, "fluency": None}
+                           for i, v in enumerate(vals)]
+    result = {"config": {"seed": 0, "format": "counterfact", "data": "/x/cf.json", "model": "/m/smollm2-135m",
+                         "n": 20, "batch_size": 10},
+              "methods": {"MEMIT": {"scores": scores([0.0] * 20)}, "MEMIT_BLUE": {"scores": scores([1.0] * 20)}}}
+    if with_diffs:
+        result["blue_vs_base"] = {"MEMIT": {"efficacy": d(-0.1, -0.2, -0.05), "perplexity": d(-0.4, -0.6, -0.1)}}
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_rows_from_stored_differences_and_from_scores(tmp_path):
+    stored, computed = _result(tmp_path, "a", True), _result(tmp_path, "b", False)
+    rows = evidence_rows([stored, computed])
+    assert [(r["model"], r["data"], r["n"], r["base"]) for r in rows] == [("smollm2-135m", "counterfact", 20, "MEMIT")] * 2
+    assert rows[0]["metrics"]["efficacy"]["verdict"] == "worse"
+    assert rows[0]["metrics"]["perplexity"]["verdict"] == "better"
+    assert rows[1]["metrics"]["efficacy"]["verdict"] == "better"  # every case 0 -> 1
+    assert rows[1]["metrics"]["specificity"]["verdict"] == "tie"  # no difference at all
+    table = render_evidence(rows)
+    assert "**worse** -10.0 [-20.0, -5.0]" in table and "**better** -0.40 [-0.60, -0.10]" in table
+    assert "**better** +100.0 [+100.0, +100.0]" in table and "tie +0.0 [+0.0, +0.0]" in table
+    assert "Consistency" not in table  # no run has it
+
+
+def test_cli_writes_files_and_refuses_folders_without_results(tmp_path, capsys):
+    run = _result(tmp_path, "a", True)
+    assert cli.main(["--evidence", str(run), "--out", str(tmp_path / "ev")]) == 0
+    saved = json.loads((tmp_path / "ev" / "evidence.json").read_text())
+    assert saved["rows"][0]["metrics"]["efficacy"]["verdict"] == "worse"
+    assert "| smollm2-135m | counterfact | 20 (10) | MEMIT |" in (tmp_path / "ev" / "evidence.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--evidence", str(tmp_path / "missing"), "--out", str(tmp_path / "ev2")])
+    assert exc.value.code == 2 and "holds no results.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="both modes"):
+        unpaired = tmp_path / "u"
+        unpaired.mkdir()
+        (unpaired / "results.json").write_text(json.dumps({"config": {"seed": 0, "format": "zsre", "data": "z",
+                                                                      "model": "m", "n": 1, "batch_size": 1},
+                                                           "methods": {"MEMIT": {"scores": []}}}))
+        write_evidence([unpaired], tmp_path / "ev3")
