@@ -22,6 +22,11 @@ the run: computed, or read from the disk cache; a second, cached call; optionall
 pass), wall time of every batch edit (and its targets / keys / update parts), target-optimisation
 steps per edited layer, peak RSS.
 
+PRUNE (:mod:`~benchmarks.sequential.restraint`): every batch records the accumulated change's
+largest singular value over sigma_max per layer; where the restraint acts, the curve points and
+the final evaluation are repeated on the unrestrained sequence (``restraint`` in ``done.json``,
+a dotted line in the curve plots, a table section), so its effect is paired over the same cases.
+
 Resumable (:mod:`~benchmarks.sequential.checkpoints`): after every batch the method's
 :class:`blue_plugin.editing.session.EditSession` is saved under ``OUT/progress/<METHOD>/``;
 running the same command again continues where it stopped and ends with the same result. A
@@ -32,7 +37,9 @@ Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequ
 (methods as rows, metrics as columns, "pre" first), ``steps_per_layer.png``, with
 ``--eval-every`` ``metrics_vs_edits.png`` and with ``--curve-every`` one ``curve_<metric>.png`` per
 metric (x = number of edits, both modes of each base method). ``--compare DIR1 DIR2 ... --out
-DIR`` merges runs into ``comparison.md`` / ``comparison.json``.
+DIR`` merges runs into ``comparison.md`` / ``comparison.json``; ``--evidence DIR1 DIR2 ... --out
+DIR`` writes ``evidence.md`` (:mod:`~benchmarks.sequential.evidence`): per run and base method,
+BLUE minus base with "better" / "worse" only where the 95 % interval excludes 0.
 
 From Python: ``run_benchmark(SequentialConfig(data=..., methods=..., n=..., batch_size=...),
 model=..., tok=...)``; the fields may also be given as keywords of :func:`run_benchmark`.

@@ -54,6 +54,11 @@ def curve_plots(result: dict[str, Any], out: Path, plt) -> dict[str, str]:
             ax.plot(x, [scale * s["mean"] for _, s in pts], style, color=colour, marker="o", ms=3, label=name)
             ax.fill_between(x, [scale * s["ci_low"] for _, s in pts], [scale * s["ci_high"] for _, s in pts],
                             color=colour, alpha=0.12, linewidth=0)
+            if any("unrestrained" in p for p in m["curves"]):  # PRUNE: the sequence without its restraint
+                u = [(p["n_edits"], (p.get("unrestrained") or p)["summary"].get(key) or {}) for p in m["curves"]]
+                u = [(x_, s) for x_, s in u if s.get("mean") is not None]
+                ax.plot([p[0] for p in u], [scale * s["mean"] for _, s in u], ":", color=colour, marker="x", ms=3,
+                        label=f"{name} unrestrained")
             drawn = True
         if drawn:
             ax.set_title(CURVE_LABELS[key] + curve_note(result, key), fontsize=10)

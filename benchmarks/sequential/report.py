@@ -70,29 +70,39 @@ def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[s
 
     Returns ``{X: {metric: {"mean", "ci_low", "ci_high", "n"}}}`` (fractions; fluency in bits).
     """
-    from blue_plugin.evaluation.metrics import bootstrap_ci
-
     methods = result["methods"]
     seed = int(result.get("config", {}).get("seed", 0))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for base in methods:
         if base.endswith("_BLUE") or f"{base}_BLUE" not in methods:
             continue
-        a = {s["case_id"]: s for s in methods[base]["scores"]}
-        b = {s["case_id"]: s for s in methods[f"{base}_BLUE"]["scores"]}
-        per: dict[str, dict[str, Any]] = {}
-        for key in METRIC_LABELS:
-            d = [float(b[c][key]) - float(a[c][key]) for c in a
-                 if c in b and a[c].get(key) is not None and b[c].get(key) is not None]
-            if d:
-                mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
-                per[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(d)}
-        ha, hb = methods[base].get("heldout"), methods[f"{base}_BLUE"].get("heldout")
-        if ha and hb and ha.get("doc_tokens") == hb.get("doc_tokens"):
-            per["perplexity"] = paired_perplexity_difference(ha["doc_nll"], hb["doc_nll"], ha["doc_tokens"],
-                                                             n_boot=n_boot, seed=seed)
-        out[base] = per
+        blue = methods[f"{base}_BLUE"]
+        out[base] = paired_differences(blue["scores"], methods[base]["scores"], blue.get("heldout"),
+                                       methods[base].get("heldout"), seed, n_boot)
     return out
+
+
+def paired_differences(scores_b: Sequence[dict[str, Any]], scores_a: Sequence[dict[str, Any]],
+                       heldout_b: Optional[dict[str, Any]], heldout_a: Optional[dict[str, Any]],
+                       seed: int, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
+    """Per metric, B minus A over the cases both scored (matched by ``case_id``): mean and 95%
+    percentile bootstrap interval (cases resampled together) and ``n``; with the held-out NLL sums
+    of both on the same documents, the perplexity difference under ``perplexity``."""
+    from blue_plugin.evaluation.metrics import bootstrap_ci
+
+    a = {s["case_id"]: s for s in scores_a}
+    b = {s["case_id"]: s for s in scores_b}
+    per: dict[str, dict[str, Any]] = {}
+    for key in METRIC_LABELS:
+        d = [float(b[c][key]) - float(a[c][key]) for c in a
+             if c in b and a[c].get(key) is not None and b[c].get(key) is not None]
+        if d:
+            mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+            per[key] = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(d)}
+    if heldout_a and heldout_b and heldout_a.get("doc_tokens") == heldout_b.get("doc_tokens"):
+        per["perplexity"] = paired_perplexity_difference(heldout_a["doc_nll"], heldout_b["doc_nll"],
+                                                         heldout_a["doc_tokens"], n_boot=n_boot, seed=seed)
+    return per
 
 
 def diff_cell(s: Optional[dict[str, Any]]) -> str:
@@ -128,6 +138,7 @@ def render_table(result: dict[str, Any]) -> str:
         for base, d in diffs.items():
             lines.append(f"| {base}_BLUE - {base} | " + " | ".join(diff_cell(d.get(k)) for k in keys)
                          + f" | {ppl_cell(d.get('perplexity'), signed=True)} |")
+    lines += restraint_lines(result, keys)
     st = result["costs"]["statistics"]
     lines += [
         "",
@@ -150,6 +161,30 @@ def render_table(result: dict[str, Any]) -> str:
             f"{steps_cell(c)} | {c.get('peak_rss_mib')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def restraint_lines(result: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """Markdown lines on PRUNE's restraint for methods that record it (none for other runs): where
+    the accumulated change first exceeded sigma_max, the largest ratio at the end per layer, and
+    the served (restrained) model minus the unrestrained one on the same cases."""
+    rows = [(name, m["restraint"]) for name, m in result["methods"].items() if m.get("restraint")]
+    if not rows:
+        return []
+    lines = ["", "PRUNE's restraint (served weights W_orig + restrain(W - W_orig); W, the unrestrained sequence, "
+             "evaluated on the same cases where they differ): restrained minus unrestrained, x100 with 95% "
+             "bootstrap CI.", "",
+             "| Method | first acted (edits) | largest singular value / sigma_max at the end | "
+             + " | ".join(METRIC_LABELS[k] for k in keys) + f" | {PPL_LABEL} |",
+             "|---|---|---|" + "---|" * (len(keys) + 1)]
+    for name, r in rows:
+        trace = r.get("sigma_trace") or []
+        last = ", ".join(f"L{l}: {v['max_over_sigma_max']:.2f}" for l, v in trace[-1]["layers"].items()) if trace else "n/a"
+        first = r.get("first_acting_n_edits")
+        d = (r.get("final") or {}).get("restrained_minus_unrestrained") or {}
+        cells = [diff_cell(d.get(k)) if d else "equal" for k in keys]
+        lines.append(f"| {name} | {first if first is not None else 'never'} | {last} | " + " | ".join(cells)
+                     + f" | {ppl_cell(d.get('perplexity'), signed=True) if d else 'equal'} |")
+    return lines
 
 
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:

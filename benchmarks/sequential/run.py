@@ -35,7 +35,8 @@ from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_p
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
 from benchmarks.sequential.plots import make_plots
-from benchmarks.sequential.report import blue_vs_base, render_table
+from benchmarks.sequential.report import blue_vs_base, paired_differences, render_table
+from benchmarks.sequential.restraint import first_acting, restrains_sequence, serving_unrestrained, sigma_trace
 
 logger = logging.getLogger("benchmarks.sequential")
 
@@ -220,8 +221,18 @@ def run_benchmark(
             reset_peak_rss()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
+            restrains = restrains_sequence(hp)
+
+            def method_point(done: int) -> dict[str, Any]:
+                point = curve_point(done)
+                if restrains:  # PRUNE: the same point on the unrestrained weights, where they differ
+                    with serving_unrestrained(model, tok, hp) as acting:
+                        if acting:
+                            point["unrestrained"] = curve_point(done) | {"layers": acting}
+                return point
+
             wall, curve, curves = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch,
-                                                curve_point if cfg.curve_every else None, plan)
+                                                method_point if cfg.curve_every else None, plan)
             t0 = time.perf_counter()
             scores = evaluate(cases, pre.get("pre_locality"))
             eval_s = time.perf_counter() - t0
@@ -229,10 +240,27 @@ def run_benchmark(
             held = heldout_scores()
             if held is not None:
                 summary["perplexity"] = held["summary"]
+            restraint = None
+            if restrains:
+                trace = sigma_trace(get_state(model).history)
+                restraint = {"sigma_trace": trace, "first_acting_n_edits": first_acting(trace), "final": None}
+                with serving_unrestrained(model, tok, hp) as acting:
+                    if acting:
+                        u_scores = evaluate(cases, pre.get("pre_locality"))
+                        u_held = heldout_scores()
+                        u_summary = summarize(u_scores, cfg.seed)
+                        if u_held is not None:
+                            u_summary["perplexity"] = u_held["summary"]
+                        restraint["final"] = {
+                            "layers": acting, "summary": u_summary, "scores": u_scores, "heldout": u_held,
+                            "restrained_minus_unrestrained": paired_differences(scores, u_scores, held, u_held, cfg.seed)}
             if cfg.eval_every is not None:
                 curve.append({"n_edits": cfg.n, "summary": summary})
             if cfg.curve_every is not None:
                 curves = [point0] + curves + [point_from_scores(plan, cfg.n, "final", scores, held)]
+                if restraint and restraint["final"]:
+                    fin = restraint["final"]
+                    curves[-1]["unrestrained"] = point_from_scores(plan, cfg.n, "final", fin["scores"], fin["heldout"])
             history = get_state(model).history
             costs = batch_costs(history, wall)
             costs.update(steps_per_layer=steps_per_layer(history, hp.v_num_grad_steps), eval_time_s=eval_s,
@@ -242,7 +270,7 @@ def run_benchmark(
             write_json(done_file, {
                 "method": method, "base_method": hp.base_method, "blue": hp.blue, "edit_layers": hp.edit_layers,
                 "summary": summary, "scores": scores, "curve": curve, "curves": curves, "heldout": held,
-                "costs": costs, "history": history,
+                "costs": costs, "history": history, "restraint": restraint,
                 "checkpoints": ckpt.kind,
             })
             if not cfg.keep_checkpoints:
