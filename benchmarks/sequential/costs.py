@@ -36,7 +36,7 @@ def prepare_statistics(editor, hp, measure_cold: bool = False, progress: bool = 
     info: dict[str, Any] = {"layers": layers, "mom2_adjustment": hp.mom2_adjustment,
                             "corpus": hp.mom2_dataset, "n_samples": hp.mom2_n_samples,
                             "max_length": hp.mom2_max_length}
-    in_memory = all(editor.c0_key(l) in editor.state.second_moments for l in layers)
+    in_memory = all(editor.statistics.loaded(l) for l in layers)  # C0, or an imported projection where it serves
     cache_dir = Path(hp.stats_dir) if hp.stats_dir is not None else default_cache_dir() / "stats"
     info["cache_dir"] = str(cache_dir)
     before = _snapshot(cache_dir)
