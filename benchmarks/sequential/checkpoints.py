@@ -72,6 +72,38 @@ def open_progress(out: Path, config: dict[str, Any], restart: bool) -> tuple[Pat
     return prog_dir, chash
 
 
+#: files of ``progress/`` measured once per run configuration (not per method)
+RUN_LEVEL_FILES = ("statistics.json", "pre.json", "heldout.json", "pre_heldout.json")
+
+
+def adopt_run_files(prog_dir: Path, source_out: Path, chash: str) -> list[str]:
+    """Copy :data:`RUN_LEVEL_FILES` from the progress of ``source_out`` (a run of the same
+    configuration hash ``chash``) into ``prog_dir`` where it lacks them; returns the names copied.
+
+    Raises:
+        ValueError: ``source_out`` holds no progress, or progress of another configuration.
+    """
+    src = Path(source_out) / "progress"
+    cfg = src / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"pre_from: {str(source_out)!r} holds no progress/config.json; pass the --out folder "
+                         "of a run that has measured the unedited model")
+    stored = read_json(cfg)
+    if stored.get("hash") != chash:
+        here = read_json(prog_dir / "config.json").get("config", {})
+        diff = sorted(k for k in set(here) | set(stored.get("config", {}))
+                      if k not in INFORMATIONAL and here.get(k) != stored.get("config", {}).get(k))
+        raise ValueError(f"pre_from: {str(source_out)!r} is a run of another configuration (differs in {diff}); "
+                         "its unedited evaluation does not apply")
+    copied = []
+    for name in RUN_LEVEL_FILES:
+        if (src / name).is_file() and not (prog_dir / name).is_file():
+            shutil.copy2(src / name, prog_dir / name)
+            copied.append(name)
+    logger.info("taken from %s: %s", source_out, ", ".join(copied) or "nothing (present here or missing there)")
+    return copied
+
+
 def measured_once(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """What ``path`` holds; else ``measure()``, written there first."""
     if path.is_file():

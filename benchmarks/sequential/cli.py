@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the saved sessions of finished methods")
     p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
+    p.add_argument("--pre-from", default=None, metavar="DIR",
+                   help="take the unedited evaluation (and statistics timing, held-out documents) from the --out folder "
+                        "of another run of the same configuration, e.g. the other pair of methods, instead of measuring it")
     p.add_argument("--checkpoints", default="session", choices=list(CHECKPOINT_CHOICES),
                    help="progress format: blue_plugin.editing.session.EditSession (the only one; 'auto' means the "
                         "same, the former 'local' format was removed)")
@@ -79,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> SequentialConfig:
         curve_heldout_docs=args.curve_heldout_docs, eval_batch_size=args.eval_batch_size,
         gen_batch_size=args.gen_batch_size, measure_cold_stats=args.measure_cold_stats,
         keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
-        plots=not args.no_plots, checkpoints=args.checkpoints,
+        plots=not args.no_plots, checkpoints=args.checkpoints, pre_from=args.pre_from,
     )
 
 

@@ -63,6 +63,10 @@ class SequentialConfig:
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the saved session of finished methods.
         restart: discard progress in ``out`` instead of resuming.
+        pre_from: output folder of another run of the same configuration (methods aside): its
+            run-level measurements (statistics timing, the unedited evaluation, the held-out
+            documents and their unedited perplexity) are copied into ``out`` where ``out`` lacks
+            them, instead of being measured again; None: measure.
         progress: tqdm bars; plots: write the PNG plots.
         checkpoints: "session" or "auto": progress is saved with
             :class:`blue_plugin.editing.session.EditSession` (the only format).
@@ -97,6 +101,7 @@ class SequentialConfig:
     progress: bool = True
     plots: bool = True
     checkpoints: str = "session"
+    pre_from: str | os.PathLike | None = None
 
     def validate(self) -> list[str]:
         """Check every field; returns the canonical method names.

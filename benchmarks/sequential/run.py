@@ -29,7 +29,13 @@ from benchmarks.common import (
     versions,
     write_json,
 )
-from benchmarks.sequential.checkpoints import SessionCheckpoints, measured_once, open_progress, sha256_file
+from benchmarks.sequential.checkpoints import (
+    SessionCheckpoints,
+    adopt_run_files,
+    measured_once,
+    open_progress,
+    sha256_file,
+)
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
@@ -160,6 +166,8 @@ def run_benchmark(
         "curve_heldout_docs": cfg.curve_heldout_docs,
     }
     prog_dir, chash = open_progress(out, config, cfg.restart)
+    if cfg.pre_from is not None:
+        adopt_run_files(prog_dir, Path(cfg.pre_from), chash)
     logger.info("checkpoints: blue_plugin.editing.session.EditSession")
 
     def evaluate(sub_cases, loc) -> list[dict[str, Any]]:
