@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence", nargs="+", default=None, metavar="DIR",
                    help="write the evidence summary of finished runs (BLUE minus base: better / worse / tie by the "
                         "95%% interval) to --out/evidence.md")
+    p.add_argument("--evidence-points", default="", metavar="N,N",
+                   help="with --evidence: also the curve points after these numbers of edits, e.g. 200,1000")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -93,7 +95,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.evidence:
         try:
-            res = write_evidence(args.evidence, args.out)
+            points = [int(x) for x in str(args.evidence_points).split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--evidence-points {args.evidence_points!r}: numbers of edits separated by commas, e.g. 200,1000")
+        try:
+            res = write_evidence(args.evidence, args.out, points)
         except ValueError as exc:
             parser.exit(2, f"error: {exc}\n")
         print(res["table"])

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from benchmarks.common import read_json, write_json
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE
-from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys
+from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys, paired_differences
 
 #: metrics where a lower value is the better one
 LOWER_IS_BETTER = ("perplexity",)
@@ -32,9 +32,29 @@ def verdict(diff: Optional[dict[str, Any]], metric: str) -> Optional[str]:
     return "better" if higher != (metric in LOWER_IS_BETTER) else "worse"
 
 
-def evidence_rows(dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+def point_differences(result: dict[str, Any], base: str, n_edits: int) -> Optional[dict[str, Any]]:
+    """BLUE minus ``base`` at the curve point after ``n_edits`` edits (both methods' points hold the
+    same seeded sample of cases and the same held-out documents), paired per case / document;
+    None when either method has no such point."""
+    def point(method):
+        return next((p for p in result["methods"][method].get("curves") or []
+                     if p["n_edits"] == n_edits and p["source"] != "pre"), None)
+
+    pa, pb = point(base), point(f"{base}_BLUE")
+    if pa is None or pb is None:
+        return None
+    tokens = (result["pre"].get("heldout") or {}).get("doc_tokens")
+    held = lambda p: ({"doc_nll": p["doc_nll"], "doc_tokens": tokens[:len(p["doc_nll"])]}
+                      if tokens and p.get("doc_nll") else None)
+    per = paired_differences(pb["scores"], pa["scores"], held(pb), held(pa), int(result["config"].get("seed", 0)))
+    return {"per": per, "cases": pa["n_cases"]}
+
+
+def evidence_rows(dirs: Sequence[str | os.PathLike], points: Sequence[int] = ()) -> list[dict[str, Any]]:
     """One row per (run, base method run with its BLUE mode): the run's model, dataset, N, B and,
-    per metric, the difference and its verdict."""
+    per metric, the difference and its verdict, on all N cases of the final evaluation; and, for
+    each of ``points`` (numbers of edits) where both methods have a curve point, a row on that
+    point's sample of cases."""
     rows = []
     for d in dirs:
         p = Path(d)
@@ -48,11 +68,13 @@ def evidence_rows(dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
             raise ValueError(f"{str(d)!r} has no method run in both modes (e.g. MEMIT and MEMIT_BLUE)")
         keys = metric_keys(cfg["format"]) + ["perplexity"]
         for base, per in diffs.items():
-            rows.append({
-                "run": str(d), "model": Path(str(cfg["model"])).name, "data": cfg["format"],
-                "n": cfg["n"], "batch_size": cfg["batch_size"], "base": base,
-                "metrics": {k: {"diff": per.get(k), "verdict": verdict(per.get(k), k)} for k in keys},
-            })
+            found = [(n, point_differences(result, base, n)) for n in points if n < cfg["n"]]
+            for n, cases, per_n in [(n, pd["cases"], pd["per"]) for n, pd in found if pd] + [(cfg["n"], cfg["n"], per)]:
+                rows.append({
+                    "run": str(d), "model": Path(str(cfg["model"])).name, "data": cfg["format"],
+                    "n": n, "of_n": cfg["n"], "cases": cases, "batch_size": cfg["batch_size"], "base": base,
+                    "metrics": {k: {"diff": per_n.get(k), "verdict": verdict(per_n.get(k), k)} for k in keys},
+                })
     return rows
 
 
@@ -74,22 +96,26 @@ def render_evidence(rows: Sequence[dict[str, Any]]) -> str:
             if any(r["metrics"].get(k, {}).get("verdict") for r in rows)]
     labels = {**METRIC_LABELS, "perplexity": PPL_LABEL}
     lines = [
-        "| Model | Data | N (B) | Base | " + " | ".join(labels[k] for k in keys) + " |",
-        "|---|---|---|---|" + "---|" * len(keys),
+        "| Model | Data | N (B) | cases | Base | " + " | ".join(labels[k] for k in keys) + " |",
+        "|---|---|---|---|---|" + "---|" * len(keys),
     ]
     for r in rows:
         cells = [evidence_cell(r["metrics"][k], k) if k in r["metrics"] else "n/a" for k in keys]
-        lines.append(f"| {r['model']} | {r['data']} | {r['n']} ({r['batch_size']}) | {r['base']} | "
+        n = f"{r['n']} of {r['of_n']}" if r.get("of_n", r["n"]) != r["n"] else str(r["n"])
+        lines.append(f"| {r['model']} | {r['data']} | {n} ({r['batch_size']}) | {r.get('cases', r['n'])} | {r['base']} | "
                      + " | ".join(cells) + " |")
     lines += ["", "BLUE minus its base method, paired over the same cases (held-out perplexity: over the same "
               "documents), x100 except perplexity, 95 % bootstrap interval. **better** / **worse**: the interval "
-              "excludes 0 (lower perplexity is better); tie: it does not."]
+              "excludes 0 (lower perplexity is better); tie: it does not. \"N of M\": the curve point after N of a "
+              "run's M edits, on its seeded sample of the cases edited so far (fluency on the first 50 of them)."]
     return "\n".join(lines) + "\n"
 
 
-def write_evidence(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
-    """Write ``out/evidence.md`` and ``out/evidence.json`` for the runs in ``dirs``."""
-    rows = evidence_rows(dirs)
+def write_evidence(dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                   points: Sequence[int] = ()) -> dict[str, Any]:
+    """Write ``out/evidence.md`` and ``out/evidence.json`` for the runs in ``dirs`` (and their
+    curve points after ``points`` edits)."""
+    rows = evidence_rows(dirs, points)
     table = render_evidence(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

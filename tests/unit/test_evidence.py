@@ -56,7 +56,7 @@ def test_cli_writes_files_and_refuses_folders_without_results(tmp_path, capsys):
     assert cli.main(["--evidence", str(run), "--out", str(tmp_path / "ev")]) == 0
     saved = json.loads((tmp_path / "ev" / "evidence.json").read_text())
     assert saved["rows"][0]["metrics"]["efficacy"]["verdict"] == "worse"
-    assert "| smollm2-135m | counterfact | 20 (10) | MEMIT |" in (tmp_path / "ev" / "evidence.md").read_text()
+    assert "| smollm2-135m | counterfact | 20 (10) | 20 | MEMIT |" in (tmp_path / "ev" / "evidence.md").read_text()
     with pytest.raises(SystemExit) as exc:
         cli.main(["--evidence", str(tmp_path / "missing"), "--out", str(tmp_path / "ev2")])
     assert exc.value.code == 2 and "holds no results.json" in capsys.readouterr().err
@@ -67,3 +67,29 @@ def test_cli_writes_files_and_refuses_folders_without_results(tmp_path, capsys):
                                                                       "model": "m", "n": 1, "batch_size": 1},
                                                            "methods": {"MEMIT": {"scores": []}}}))
         write_evidence([unpaired], tmp_path / "ev3")
+
+
+def test_curve_points_give_rows_on_their_samples(tmp_path, capsys):
+    """A run with curve points: the row of a point pairs the two methods' scores on the point's
+    sample (and its held-out documents); points that are not asked for, or missing, give no row."""
+    def point(n, vals, nll):
+        return {"n_edits": n, "source": "evaluated", "n_cases": len(vals), "doc_nll": nll,
+                "scores": [{"index": i, "case_id": i, "efficacy": v, "fluency": None} for i, v in enumerate(vals)]}
+
+    folder = _result(tmp_path, "c", False)
+    result = json.loads((folder / "results.json").read_text())
+    result["pre"] = {"heldout": {"doc_tokens": [10, 10, 10]}}
+    result["methods"]["MEMIT"]["curves"] = [point(10, [0.0] * 8, [30.0, 30.0, 30.0])]
+    result["methods"]["MEMIT_BLUE"]["curves"] = [point(10, [0.0] * 4 + [1.0] * 4, [20.0, 20.0, 20.0])]
+    (folder / "results.json").write_text(json.dumps(result))
+    rows = evidence_rows([folder], points=[10, 15])
+    assert [(r["n"], r["of_n"], r["cases"]) for r in rows] == [(10, 20, 8), (20, 20, 20)]
+    at10 = rows[0]["metrics"]
+    assert at10["efficacy"]["diff"]["mean"] == pytest.approx(0.5) and at10["efficacy"]["diff"]["n"] == 8
+    assert at10["perplexity"]["verdict"] == "better"  # NLL 2 per token instead of 3 on every document
+    assert at10["perplexity"]["diff"]["mean"] == pytest.approx(2.718281828 ** 2 - 2.718281828 ** 3, rel=1e-6)
+    assert "| 10 of 20 (10) | 8 | MEMIT |" in render_evidence(rows)
+    assert cli.main(["--evidence", str(folder), "--evidence-points", "10", "--out", str(tmp_path / "ev")]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["--evidence", str(folder), "--evidence-points", "ten", "--out", str(tmp_path / "ev")])
+    assert "numbers of edits separated by commas" in capsys.readouterr().err
