@@ -69,3 +69,26 @@ def test_prune_run_records_where_the_restraint_acts_and_its_effect(small_sigma_m
     assert (tmp_path / "run" / "curve_efficacy.png").stat().st_size > 1000
     for l in (1, 3):  # the benchmark leaves the model as it found it
         assert torch.equal(model.model.layers[l].mlp.down_proj.weight, before[l])
+
+
+def test_resumed_prune_run_keeps_the_unrestrained_sequence(small_sigma_model, tmp_path):
+    """Interrupted after its first batch and resumed, the PRUNE run continues from the saved
+    unrestrained weights: the same restraint record and evaluations as without the interruption."""
+    model, tok, hp_path = small_sigma_model
+    kw = dict(data=CF, methods="PRUNE", n=4, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok,
+              fluency_tokens=2, curve_every=2, curve_cases=3, curve_fluency_cases=1, heldout_docs=3,
+              progress=False, plots=False)
+    full = seq.run_benchmark(out=tmp_path / "full", **kw)
+
+    def stop(method, batches):
+        raise seq.BenchmarkInterrupted("simulated interruption")
+
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=tmp_path / "resumed", on_batch=stop, **kw)
+    resumed = seq.run_benchmark(out=tmp_path / "resumed", **kw)
+    a, b = full["methods"]["PRUNE"], resumed["methods"]["PRUNE"]
+    assert b["restraint"]["final"]["layers"] == [1, 3]
+    assert b["restraint"]["sigma_trace"] == a["restraint"]["sigma_trace"]
+    assert b["restraint"]["final"]["scores"] == a["restraint"]["final"]["scores"]
+    assert b["scores"] == a["scores"]
+    assert b["curves"][1]["unrestrained"]["scores"] == a["curves"][1]["unrestrained"]["scores"]
