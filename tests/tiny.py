@@ -301,3 +301,19 @@ def restore(model, weights_copy: dict[str, torch.Tensor]) -> None:
 def all_requests(n: int = 3) -> list[dict]:
     return [dict(r) for r in REQUESTS[:n]]
 
+
+
+def write_benchmark_yaml(base_yaml: Path, folder: Path, **changes) -> Path:
+    """``folder/tiny.yaml``: ``base_yaml`` with the settings of the tiny sequential-benchmark runs
+    (small statistics sample, few short prefixes, few steps, statistics under ``folder``) and
+    ``changes``."""
+    import yaml
+
+    hp = yaml.safe_load(Path(base_yaml).read_text())
+    hp.update(v_loss_layer=3, mom2_n_samples=20, mom2_max_length=32, max_length=128,
+              context_template_length_params=[[5, 2]], v_lr=1.0, stats_dir=str(Path(folder) / "stats"),
+              model_name="tiny")
+    hp.update(changes)
+    path = Path(folder) / "tiny.yaml"
+    path.write_text(yaml.safe_dump(hp))
+    return path

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmarks.common import read_json, write_json
-from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE
-from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys, paired_differences
+from benchmarks.sequential.config import METRIC_LABELS
+from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys, paired_differences, read_run_results, write_outputs
 
 #: metrics where a lower value is the better one
 LOWER_IS_BETTER = ("perplexity",)
@@ -57,11 +56,7 @@ def evidence_rows(dirs: Sequence[str | os.PathLike], points: Sequence[int] = ())
     point's sample of cases."""
     rows = []
     for d in dirs:
-        p = Path(d)
-        f = p / RESULTS_FILE if p.is_dir() else p
-        if not f.is_file():
-            raise ValueError(f"{str(d)!r} holds no {RESULTS_FILE}; pass output folders of finished runs")
-        result = read_json(f)
+        result = read_run_results(d)
         cfg = result["config"]
         diffs = result.get("blue_vs_base") or blue_vs_base(result)
         if not diffs:
@@ -117,9 +112,4 @@ def write_evidence(dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     curve points after ``points`` edits)."""
     rows = evidence_rows(dirs, points)
     table = render_evidence(rows)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "evidence.md").write_text(table, encoding="utf-8")
-    write_json(out / "evidence.json", {"rows": rows})
-    return {"table": table, "rows": rows,
-            "paths": {"table": str(out / "evidence.md"), "json": str(out / "evidence.json")}}
+    return {"table": table, "rows": rows, "paths": write_outputs(out, "evidence", table, {"rows": rows})}

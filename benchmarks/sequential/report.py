@@ -187,6 +187,15 @@ def restraint_lines(result: dict[str, Any], keys: Sequence[str]) -> list[str]:
     return lines
 
 
+def read_run_results(d: str | os.PathLike) -> dict[str, Any]:
+    """The ``results.json`` of a run folder (or that file itself); ValueError when there is none."""
+    p = Path(d)
+    f = p / RESULTS_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise ValueError(f"{str(d)!r} holds no {RESULTS_FILE}; pass output folders of finished runs")
+    return read_json(f)
+
+
 def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
     """Merge the ``results.json`` of several runs into ``out/comparison.{md,json}``.
 
@@ -194,13 +203,7 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
     """
     if not dirs:
         raise ValueError("--compare needs at least one run folder")
-    runs = []
-    for d in dirs:
-        p = Path(d)
-        f = p / RESULTS_FILE if p.is_dir() else p
-        if not f.is_file():
-            raise ValueError(f"{str(d)!r} holds no {RESULTS_FILE}; pass output folders of earlier runs")
-        runs.append((str(d), read_json(f)))
+    runs = [(str(d), read_run_results(d)) for d in dirs]
     keys = list(METRIC_LABELS)
     lines = [
         "## Sequential editing: comparison",
@@ -223,9 +226,13 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
                                                                         if k not in ("batch_time_s", "batch_wall_s")}}
         merged.append(rows)
     table = "\n".join(lines) + "\n"
+    return {"table": table, "runs": merged, "paths": write_outputs(out, "comparison", table, {"runs": merged})}
+
+
+def write_outputs(out: str | os.PathLike, stem: str, table: str, payload: dict[str, Any]) -> dict[str, str]:
+    """Write ``out/<stem>.md`` (``table``) and ``out/<stem>.json`` (``payload``); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table, encoding="utf-8")
-    write_json(out / "comparison.json", {"runs": merged})
-    return {"table": table, "runs": merged,
-            "paths": {"table": str(out / "comparison.md"), "json": str(out / "comparison.json")}}
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
+    write_json(out / f"{stem}.json", payload)
+    return {"table": str(out / f"{stem}.md"), "json": str(out / f"{stem}.json")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from benchmarks import sequential as seq
 from blue_plugin.datafiles import locate
@@ -19,14 +18,9 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 @pytest.fixture
 def tiny(tmp_path):
-    from tests.tiny import make_llama, make_tokenizer
+    from tests.tiny import make_llama, make_tokenizer, write_benchmark_yaml
 
-    hp = yaml.safe_load(seq.DEFAULT_HPARAMS.read_text())
-    hp.update(layers=[1, 2], v_loss_layer=3, mom2_n_samples=20, mom2_max_length=32, max_length=128,
-              context_template_length_params=[[5, 2]], v_num_grad_steps=3, v_lr=1.0,
-              stats_dir=str(tmp_path / "stats"), model_name="tiny")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(hp))
+    path = write_benchmark_yaml(seq.DEFAULT_HPARAMS, tmp_path, layers=[1, 2], v_num_grad_steps=3)
     return make_llama(n_layers=4, hidden=32, intermediate=64), make_tokenizer(), path
 
 
