@@ -11,6 +11,7 @@ from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, METHODS, REPO_ROOT
 from benchmarks.sequential.config import CHECKPOINT_CHOICES, DTYPES, SequentialConfig
 from benchmarks.sequential.evidence import write_evidence
 from benchmarks.sequential.report import compare_runs, render_table
+from benchmarks.sequential.status import write_status
 from benchmarks.sequential.run import run_benchmark
 
 DESCRIPTION = "Sequential batch editing benchmark (the BLUE paper's protocol), all methods side by side."
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "95%% interval) to --out/evidence.md")
     p.add_argument("--evidence-points", default="", metavar="N,N",
                    help="with --evidence: also the curve points after these numbers of edits, e.g. 200,1000")
+    p.add_argument("--status", action="store_true",
+                   help="say where the run in --out stands (methods, batches, curve points so far) without running it; "
+                        "writes --out/status.md and status.json")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -93,6 +97,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.status:
+        try:
+            res = write_status(args.out)
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        print(res["table"])
+        return 0
     if args.evidence:
         try:
             points = [int(x) for x in str(args.evidence_points).split(",") if x.strip()]
@@ -112,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     missing = [f"--{k.replace('_', '-')}" for k in ("data", "methods", "n", "batch_size") if getattr(args, k) is None]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (needed unless --compare or --evidence is given)")
+        parser.error(f"missing {', '.join(missing)} (needed unless --compare, --evidence or --status is given)")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

@@ -268,10 +268,10 @@ class EditState:
                     setattr(ls, name, t.clone() if name.endswith("_fp") else t.to(dev).clone())
             ls.sigma_max = _decode_float(meta.get("layers", {}).get(str(l), {}).get("sigma_max"))
         state.n_edits = int(meta.get("n_edits", 0))
-        state.history = list(_decode(meta.get("history", [])))
+        state.history = list(decode_value(meta.get("history", [])))
         for key, value, *groups in meta.get("prefixes", []):
             texts = [str(s) for s in value]
-            state.prefixes[_decode(key)] = ContextPrefixes(texts, groups[0]) if groups and groups[0] else texts
+            state.prefixes[decode_value(key)] = ContextPrefixes(texts, groups[0]) if groups and groups[0] else texts
         return state
 
     def finalize(self, module_of: Callable[[int], torch.nn.Module], solve_dtype: torch.dtype = torch.float64) -> dict[int, dict]:
@@ -373,17 +373,17 @@ def _encode(obj: Any) -> Any:
     return repr(obj)
 
 
-def _decode(obj: Any) -> Any:
+def decode_value(obj: Any) -> Any:  # inverse of _encode (JSON from a saved session)
     if isinstance(obj, list):
-        return [_decode(v) for v in obj]
+        return [decode_value(v) for v in obj]
     if isinstance(obj, dict):
         if set(obj) == {"__tuple__"}:
-            return tuple(_decode(v) for v in obj["__tuple__"])
+            return tuple(decode_value(v) for v in obj["__tuple__"])
         if set(obj) == {"__items__"}:
-            return {_freeze(_decode(k)): _decode(v) for k, v in obj["__items__"]}
+            return {_freeze(decode_value(k)): decode_value(v) for k, v in obj["__items__"]}
         if set(obj) == {"__float__"}:
             return float(obj["__float__"])
-        return {k: _decode(v) for k, v in obj.items()}
+        return {k: decode_value(v) for k, v in obj.items()}
     return obj
 
 

@@ -93,3 +93,9 @@ def test_curve_points_give_rows_on_their_samples(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--evidence", str(folder), "--evidence-points", "ten", "--out", str(tmp_path / "ev")])
     assert "numbers of edits separated by commas" in capsys.readouterr().err
+
+
+def test_status_of_a_folder_without_progress_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--status", "--out", str(tmp_path / "nothing")])
+    assert exc.value.code == 2 and "not the --out folder of a started run" in capsys.readouterr().err
