@@ -39,7 +39,10 @@ Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequ
 metric (x = number of edits, both modes of each base method). ``--compare DIR1 DIR2 ... --out
 DIR`` merges runs into ``comparison.md`` / ``comparison.json``; ``--evidence DIR1 DIR2 ... --out
 DIR`` writes ``evidence.md`` (:mod:`~benchmarks.sequential.evidence`): per run and base method,
-BLUE minus base with "better" / "worse" only where the 95 % interval excludes 0.
+BLUE minus base with "better" / "worse" only where the 95 % interval excludes 0; ``--status --out
+DIR`` (:mod:`~benchmarks.sequential.status`) says where a run stands from its progress folder
+(methods, batches, curve points so far) and writes ``status.md`` / ``status.json``; ``--pre-from
+DIR`` takes the unedited evaluation from another run of the same configuration.
 
 From Python: ``run_benchmark(SequentialConfig(data=..., methods=..., n=..., batch_size=...),
 model=..., tok=...)``; the fields may also be given as keywords of :func:`run_benchmark`.
