@@ -29,14 +29,6 @@ INFORMATIONAL = ("data", "model", "hparams_file")
 LATER_KEYS = ("heldout_docs", "curve_every", "curve_cases", "curve_fluency_cases", "curve_heldout_docs")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_hash(config: dict[str, Any]) -> str:
     """16 hex digits of the sha256 of the configuration's content (without :data:`INFORMATIONAL`)."""
     content = {k: v for k, v in config.items() if k not in INFORMATIONAL}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from blue_plugin.stats.accumulate import effective_max_length
+from blue_plugin.stats.importer import file_sha256
 
 from benchmarks.common import (
     DEFAULT_HPARAMS,
@@ -34,7 +35,6 @@ from benchmarks.sequential.checkpoints import (
     adopt_run_files,
     measured_once,
     open_progress,
-    sha256_file,
 )
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
@@ -147,7 +147,7 @@ def run_benchmark(
 
     config = {
         "data": str(data_path),
-        "data_sha256": sha256_file(data_path),
+        "data_sha256": file_sha256(data_path),
         "format": fmt,
         "n": cfg.n,
         "batch_size": cfg.batch_size,

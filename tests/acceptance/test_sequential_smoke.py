@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from benchmarks import sequential as seq
 from blue_plugin.datafiles import locate
@@ -70,15 +69,10 @@ def test_steps_per_layer_aggregates_over_batches():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """(model, tok, yaml path): a tiny random Llama (tests/tiny.py, vocabulary 400), layers [1, 2, 3]."""
-    from tests.tiny import make_llama, make_tokenizer
+    from tests.tiny import make_llama, make_tokenizer, write_benchmark_yaml
 
-    folder = tmp_path_factory.mktemp("tiny_seq")
-    hp = yaml.safe_load(seq.DEFAULT_HPARAMS.read_text())
-    hp.update(layers=[1, 2, 3], v_loss_layer=3, mom2_n_samples=20, mom2_max_length=32, max_length=128,
-              context_template_length_params=[[5, 2]], v_num_grad_steps=6, v_lr=1.0,
-              mom2_update_weight=10.0, stats_dir=str(folder / "stats"), model_name="tiny")
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(hp))
+    path = write_benchmark_yaml(seq.DEFAULT_HPARAMS, tmp_path_factory.mktemp("tiny_seq"), layers=[1, 2, 3],
+                                v_num_grad_steps=6, mom2_update_weight=10.0)
     return make_llama(n_layers=4, hidden=32, intermediate=64), make_tokenizer(), path
 
 
