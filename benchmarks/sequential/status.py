@@ -21,7 +21,8 @@ LABELS = {"efficacy": "Efficacy", "generalization": "Generalization", "specifici
 
 
 def method_status(folder: Path, n: int, batch_size: int) -> dict[str, Any]:
-    """The state of one method's progress folder (``finished``, ``running`` or ``not started``)."""
+    """The state of one method's progress folder (``finished``, ``in progress`` or ``not started``;
+    a folder cannot tell whether a process is working on it now)."""
     done, prog = folder / "done.json", folder / "progress.json"
     if done.is_file():
         r = read_json(done)
@@ -29,7 +30,7 @@ def method_status(folder: Path, n: int, batch_size: int) -> dict[str, Any]:
         wall = (r.get("costs") or {}).get("batch_wall_s") or []
     elif prog.is_file():
         p = read_json(prog)
-        edits, state = min(n, int(p["batches_done"]) * batch_size), "running"
+        edits, state = min(n, int(p["batches_done"]) * batch_size), "in progress"
         curves, wall = p.get("curves") or [], p.get("batch_wall_s") or []
         manifest = folder / "session" / "manifest.json"
         history = decode_value(read_json(manifest)["state"].get("history") or []) if manifest.is_file() else []

@@ -84,10 +84,10 @@ def test_resumed_prune_run_keeps_the_unrestrained_sequence(small_sigma_model, tm
     # --status reads where the interrupted run stands from its progress folder alone
     status = write_status(tmp_path / "resumed")
     prune = status["methods"]["PRUNE"]
-    assert (prune["state"], prune["edits"], prune["first_acting_n_edits"]) == ("running", 2, 2)
+    assert (prune["state"], prune["edits"], prune["first_acting_n_edits"]) == ("in progress", 2, 2)
     assert [c["n_edits"] for c in prune["curves"]] == [2] and prune["curves"][0]["unrestrained"] is not None
     assert prune["sigma_last"] == full["methods"]["PRUNE"]["restraint"]["sigma_trace"][0]
-    assert "* PRUNE: running, 2 of 4 edits" in status["table"] and "| PRUNE unrestrained | 2 |" in status["table"]
+    assert "* PRUNE: in progress, 2 of 4 edits" in status["table"] and "| PRUNE unrestrained | 2 |" in status["table"]
     assert (tmp_path / "resumed" / "status.json").is_file()
     resumed = seq.run_benchmark(out=tmp_path / "resumed", **kw)
     assert run_status(tmp_path / "resumed")["methods"]["PRUNE"]["state"] == "finished"
