@@ -1,26 +1,41 @@
 """Where a sequential run stands, read from its progress folder without loading a model
 (``python -m benchmarks.sequential --status OUT``): per method, finished or how many batches are
 done, the mean wall time per batch, the curve points measured so far and, for PRUNE, how the
-accumulated change compares with sigma_max after the last batch. Writes ``OUT/status.md`` and
+accumulated change compares with sigma_max after the last batch and, at curve points where the
+restraint acts, the served minus the unrestrained model paired over the same cases and documents.
+Writes ``OUT/status.md`` and
 ``OUT/status.json`` so the partial curves of a long run can be committed while it runs."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from blue_plugin.editing.state import decode_value
 
 from benchmarks.common import read_json
 from benchmarks.sequential.curves import CURVE_METRICS
-from benchmarks.sequential.report import PPL_LABEL, cell, ppl_cell, write_outputs
+from benchmarks.sequential.report import PPL_LABEL, cell, diff_cell, paired_differences, ppl_cell, write_outputs
 from benchmarks.sequential.restraint import first_acting, sigma_trace
 
 LABELS = {"efficacy": "Efficacy", "generalization": "Generalization", "specificity": "Specificity",
           "fluency": "Fluency", "perplexity": PPL_LABEL}
 
 
-def method_status(folder: Path, n: int, batch_size: int) -> dict[str, Any]:
+def restraint_effect(point: dict[str, Any], doc_tokens: Optional[Sequence[int]], seed: int) -> Optional[dict[str, Any]]:
+    """Restrained minus unrestrained at one curve point, paired per case and per held-out document
+    (:func:`~benchmarks.sequential.report.paired_differences`); None where the point has no
+    unrestrained evaluation (the restraint did not act)."""
+    other = point.get("unrestrained")
+    if not other:
+        return None
+    held = lambda p: ({"doc_nll": p["doc_nll"], "doc_tokens": list(doc_tokens[:len(p["doc_nll"])])}
+                      if doc_tokens and p.get("doc_nll") else None)
+    return paired_differences(point["scores"], other["scores"], held(point), held(other), seed)
+
+
+def method_status(folder: Path, n: int, batch_size: int, doc_tokens: Optional[Sequence[int]] = None,
+                  seed: int = 0) -> dict[str, Any]:
     """The state of one method's progress folder (``finished``, ``in progress`` or ``not started``;
     a folder cannot tell whether a process is working on it now)."""
     done, prog = folder / "done.json", folder / "progress.json"
@@ -41,7 +56,8 @@ def method_status(folder: Path, n: int, batch_size: int) -> dict[str, Any]:
         "state": state, "edits": edits,
         "batch_wall_s_mean": sum(wall) / len(wall) if wall else None,
         "curves": [{"n_edits": c["n_edits"], "source": c["source"], "summary": c["summary"],
-                    "unrestrained": (c.get("unrestrained") or {}).get("summary")} for c in curves],
+                    "unrestrained": (c.get("unrestrained") or {}).get("summary"),
+                    "restrained_minus_unrestrained": restraint_effect(c, doc_tokens, seed)} for c in curves],
         "sigma_last": trace[-1] if trace else None, "first_acting_n_edits": first_acting(trace) if trace else None,
     }
 
@@ -57,10 +73,13 @@ def run_status(out: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{str(out)!r} holds no progress/config.json: not the --out folder of a started run")
     cfg = read_json(prog / "config.json")["config"]
     n, bs = int(cfg["n"]), int(cfg["batch_size"])
-    methods = {d.name: method_status(d, n, bs) for d in sorted(prog.iterdir()) if d.is_dir()}
+    pre_held = read_json(prog / "pre_heldout.json") if (prog / "pre_heldout.json").is_file() else None
+    tokens = (pre_held or {}).get("doc_tokens")
+    methods = {d.name: method_status(d, n, bs, tokens, int(cfg.get("seed", 0)))
+               for d in sorted(prog.iterdir()) if d.is_dir()}
     pre = read_json(prog / "pre.json")["summary"] if (prog / "pre.json").is_file() else None
-    if pre is not None and (prog / "pre_heldout.json").is_file():
-        pre = {**pre, "perplexity": read_json(prog / "pre_heldout.json")["summary"]}
+    if pre is not None and pre_held is not None:
+        pre = {**pre, "perplexity": pre_held["summary"]}
     return {"out": str(out), "n": n, "batch_size": bs, "model": Path(str(cfg.get("model"))).name,
             "data": cfg.get("format"), "pre": pre, "methods": methods}
 
@@ -91,9 +110,16 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"| {name} | {c['n_edits']} | " + " | ".join(cells(c["summary"])) + " |")
             if c.get("unrestrained"):
                 lines.append(f"| {name} unrestrained | {c['n_edits']} | " + " | ".join(cells(c["unrestrained"])) + " |")
+            effect = c.get("restrained_minus_unrestrained")
+            if effect:
+                lines.append(f"| {name} restrained minus unrestrained, paired | {c['n_edits']} | " + " | ".join(
+                    ppl_cell(effect.get(k), signed=True) if k == "perplexity" else diff_cell(effect.get(k))
+                    for k in CURVE_METRICS) + " |")
     lines += ["", "Curve points: efficacy, generalization, specificity on the point's seeded sample of edited cases, "
               "fluency on the first of them, held-out perplexity (not x100); mean x100 with 95% bootstrap CI. "
-              "Point 0 of each method is the unedited model (the pre row, on all N cases)."]
+              "Point 0 of each method is the unedited model (the pre row, on all N cases). \"Restrained minus "
+              "unrestrained, paired\": PRUNE's served model minus its unrestrained sequence on the same cases "
+              "and documents (an interval that excludes 0 is an effect these cases resolve)."]
     return "\n".join(lines) + "\n"
 
 

@@ -89,6 +89,15 @@ def test_resumed_prune_run_keeps_the_unrestrained_sequence(small_sigma_model, tm
     assert prune["sigma_last"] == full["methods"]["PRUNE"]["restraint"]["sigma_trace"][0]
     assert "* PRUNE: in progress, 2 of 4 edits" in status["table"] and "| PRUNE unrestrained | 2 |" in status["table"]
     assert (tmp_path / "resumed" / "status.json").is_file()
+    # and, paired over the point's cases, the served model minus the unrestrained one
+    point = next(c for c in full["methods"]["PRUNE"]["curves"] if c["n_edits"] == 2 and c["source"] != "pre")
+    unrestrained = {u["case_id"]: u for u in point["unrestrained"]["scores"]}
+    effect = prune["curves"][0]["restrained_minus_unrestrained"]
+    for key in ("efficacy", "specificity", "fluency"):
+        expected = [r[key] - unrestrained[r["case_id"]][key] for r in point["scores"] if r.get(key) is not None]
+        assert effect[key]["n"] == len(expected) and effect[key]["mean"] == pytest.approx(sum(expected) / len(expected))
+    assert effect["perplexity"]["n"] == 3
+    assert "| PRUNE restrained minus unrestrained, paired | 2 |" in status["table"]
     resumed = seq.run_benchmark(out=tmp_path / "resumed", **kw)
     assert run_status(tmp_path / "resumed")["methods"]["PRUNE"]["state"] == "finished"
     a, b = full["methods"]["PRUNE"], resumed["methods"]["PRUNE"]
