@@ -1,0 +1,105 @@
+"""How much a small change of the FFN output projection's output moves the residual stream, per
+critical layer (``python -m benchmarks.checks.post_norm_gain``).
+
+The MEMIT family writes the residual change it wants at a layer into the output of that layer's
+FFN output projection, which assumes that output is added to the residual as it is (gain 1). A
+norm after the FFN (Gemma 2 and 3: ``post_feedforward_layernorm``) breaks that: a small change of
+the projection's output m reaches the residual scaled by about |scale| / rms(m). This check
+measures that factor directly, ||norm(m + e v) - norm(m)|| / ||e v|| for random directions v and
+a small e, at the subject's last token of CounterFact prompts (the token an edit writes at).
+
+    python -m benchmarks.checks.post_norm_gain --model gemma3-270m --hparams hparams/BLUE/gemma3-270m.yaml
+
+Writes ``benchmarks/results/post_norm_gain/<model>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from blue_plugin.datafiles import resolve_data
+from blue_plugin.evaluation.data import load_cases
+from blue_plugin.hparams import BLUEHyperParams
+from blue_plugin.model.layout import find_module, resolve_layout
+from blue_plugin.model.loading import load_model
+
+from benchmarks.common import REPO_ROOT, write_json
+
+logger = logging.getLogger("benchmarks.checks.post_norm_gain")
+POST_NORM = "post_feedforward_layernorm"
+
+
+def subject_last_token(tok, prompt: str, subject: str) -> int:
+    """Index of the last token that overlaps the subject's first occurrence in ``prompt``."""
+    end = prompt.index(subject) + len(subject)
+    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return max(i for i, (a, b) in enumerate(offsets) if a < end and b > a)
+
+
+def layer_gains(model, tok, hp: BLUEHyperParams, cases, eps: float = 1e-3, directions: int = 4, seed: int = 0):
+    """Per critical layer: the median gain over the cases' edited tokens and the median rms(m)."""
+    layout = resolve_layout(model, hp)
+    gen = torch.Generator().manual_seed(seed)
+    result = {}
+    for layer in hp.layers:
+        block = find_module(model, layout.block(layer), "layer_module_tmp")
+        norm = getattr(block, POST_NORM, None)
+        outputs: list[torch.Tensor] = []
+        handle = find_module(model, layout.rewrite(layer)).register_forward_hook(
+            lambda mod, inp, out: outputs.append(out.detach()[0]))
+        try:
+            with torch.no_grad():
+                for case in cases:
+                    ids = tok(case.prompt, return_tensors="pt")
+                    model(**ids)
+                    pos = subject_last_token(tok, case.prompt, case.subject)
+                    outputs[-1] = outputs[-1][pos]
+        finally:
+            handle.remove()
+        gains, rms = [], []
+        with torch.no_grad():
+            for m in outputs:
+                rms.append(float(m.float().pow(2).mean().sqrt()))
+                if norm is None:
+                    gains.append(1.0)
+                    continue
+                for _ in range(directions):
+                    v = torch.randn(m.shape, generator=gen).to(m)
+                    step = eps * m.norm() * v / v.norm()
+                    gains.append(float((norm(m + step) - norm(m)).norm() / step.norm()))
+        result[layer] = {"post_norm": norm is not None, "gain_median": statistics.median(gains),
+                         "gain_min": min(gains), "gain_max": max(gains), "rms_median": statistics.median(rms),
+                         "tokens": len(outputs)}
+        logger.info("layer %d: gain %.1f (median; %.1f-%.1f), rms(m) %.4f", layer, result[layer]["gain_median"],
+                    result[layer]["gain_min"], result[layer]["gain_max"], result[layer]["rms_median"])
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.checks.post_norm_gain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--hparams", default="hparams/BLUE/gemma3-270m.yaml")
+    p.add_argument("--data", default="counterfact", help="CounterFact file or dataset name")
+    p.add_argument("--n", type=int, default=20, help="first N cases (default 20)")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/post_norm_gain/<model>.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hp = BLUEHyperParams.from_hparams(args.hparams)
+    model, tok = load_model(args.model)
+    model.eval()
+    _, cases = load_cases(resolve_data(args.data), n=args.n)
+    gains = layer_gains(model, tok, hp, cases)
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / "post_norm_gain" / f"{Path(args.model).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, {"command": f"python -m benchmarks.checks.post_norm_gain {' '.join(argv or [])}".strip(),
+                     "model": args.model, "hparams": args.hparams, "n_cases": len(cases), "layers": gains})
+    logger.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
