@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="counterfact", help="CounterFact file or dataset name")
     p.add_argument("--n", type=int, default=20, help="first N cases (default 20)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/post_norm_gain/<model>.json)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     hp = BLUEHyperParams.from_hparams(args.hparams)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     gains = layer_gains(model, tok, hp, cases)
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / "post_norm_gain" / f"{Path(args.model).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"command": f"python -m benchmarks.checks.post_norm_gain {' '.join(argv or [])}".strip(),
+    write_json(out, {"command": f"python -m benchmarks.checks.post_norm_gain {' '.join(argv)}".strip(),
                      "model": args.model, "hparams": args.hparams, "n_cases": len(cases), "layers": gains})
     logger.info("wrote %s", out)
     return 0
