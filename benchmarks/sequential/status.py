@@ -3,8 +3,8 @@
 done, the mean wall time per batch, the curve points measured so far and, for PRUNE, how the
 accumulated change compares with sigma_max after the last batch and, at curve points where the
 restraint acts, the served minus the unrestrained model paired over the same cases and documents.
-Writes ``OUT/status.md`` and
-``OUT/status.json`` so the partial curves of a long run can be committed while it runs."""
+Writes ``OUT/status.md`` and ``OUT/status.json`` so the partial curves of a long run can be
+committed while it runs."""
 from __future__ import annotations
 
 import os
