@@ -25,6 +25,9 @@ import torch
 from blue_plugin.datafiles import resolve_data
 from blue_plugin.evaluation.data import load_cases
 from blue_plugin.hparams import BLUEHyperParams
+from blue_plugin.editing.requests import encode_prompt, prepare_requests
+from blue_plugin.model.devices import input_device
+from blue_plugin.model.hooks import capture
 from blue_plugin.model.layout import find_module, resolve_layout
 from blue_plugin.model.loading import load_model
 
@@ -34,11 +37,22 @@ logger = logging.getLogger("benchmarks.checks.post_norm_gain")
 POST_NORM = "post_feedforward_layernorm"
 
 
-def subject_last_token(tok, prompt: str, subject: str) -> int:
-    """Index of the last token that overlaps the subject's first occurrence in ``prompt``."""
-    end = prompt.index(subject) + len(subject)
-    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return max(i for i, (a, b) in enumerate(offsets) if a < end and b > a)
+def edited_outputs(model, tok, hp: BLUEHyperParams, cases) -> dict[int, list[torch.Tensor]]:
+    """Per critical layer, the FFN output projection's output at each case's edited token (the
+    engine's own request parsing and token choice, ``fact_token``), one forward pass per case."""
+    layout = resolve_layout(model, hp)
+    names = {layer: layout.rewrite(layer) for layer in hp.layers}
+    requests = prepare_requests(tok, [{"prompt": c.prompt, "subject": c.subject, "target_new": c.target_new}
+                                      for c in cases], hp)
+    outputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in hp.layers}
+    with torch.no_grad():
+        for request in requests:
+            ids, pos = encode_prompt(tok, "", request, hp.fact_token)
+            with capture(model, outputs_of=list(names.values())) as store:
+                model(input_ids=torch.tensor([ids], device=input_device(model)))
+            for layer, name in names.items():
+                outputs[layer].append(store[f"out:{name}"][0, pos])
+    return outputs
 
 
 def layer_gains(model, tok, hp: BLUEHyperParams, cases, eps: float = 1e-3, directions: int = 4, seed: int = 0):
@@ -46,21 +60,8 @@ def layer_gains(model, tok, hp: BLUEHyperParams, cases, eps: float = 1e-3, direc
     layout = resolve_layout(model, hp)
     gen = torch.Generator().manual_seed(seed)
     result = {}
-    for layer in hp.layers:
-        block = find_module(model, layout.block(layer), "layer_module_tmp")
-        norm = getattr(block, POST_NORM, None)
-        outputs: list[torch.Tensor] = []
-        handle = find_module(model, layout.rewrite(layer)).register_forward_hook(
-            lambda mod, inp, out: outputs.append(out.detach()[0]))
-        try:
-            with torch.no_grad():
-                for case in cases:
-                    ids = tok(case.prompt, return_tensors="pt")
-                    model(**ids)
-                    pos = subject_last_token(tok, case.prompt, case.subject)
-                    outputs[-1] = outputs[-1][pos]
-        finally:
-            handle.remove()
+    for layer, outputs in edited_outputs(model, tok, hp, cases).items():
+        norm = getattr(find_module(model, layout.block(layer), "layer_module_tmp"), POST_NORM, None)
         gains, rms = [], []
         with torch.no_grad():
             for m in outputs:

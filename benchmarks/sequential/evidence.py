@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks.sequential.config import METRIC_LABELS
-from benchmarks.sequential.report import PPL_LABEL, blue_vs_base, metric_keys, paired_differences, read_run_results, write_outputs
+from benchmarks.sequential.report import (PPL_LABEL, blue_vs_base, metric_keys, paired_differences, point_heldout,
+                                         read_run_results, write_outputs)
 
 #: metrics where a lower value is the better one
 LOWER_IS_BETTER = ("perplexity",)
@@ -43,9 +44,8 @@ def point_differences(result: dict[str, Any], base: str, n_edits: int) -> Option
     if pa is None or pb is None:
         return None
     tokens = (result["pre"].get("heldout") or {}).get("doc_tokens")
-    held = lambda p: ({"doc_nll": p["doc_nll"], "doc_tokens": tokens[:len(p["doc_nll"])]}
-                      if tokens and p.get("doc_nll") else None)
-    per = paired_differences(pb["scores"], pa["scores"], held(pb), held(pa), int(result["config"].get("seed", 0)))
+    per = paired_differences(pb["scores"], pa["scores"], point_heldout(pb, tokens), point_heldout(pa, tokens),
+                             int(result["config"].get("seed", 0)))
     return {"per": per, "cases": pa["n_cases"]}
 
 

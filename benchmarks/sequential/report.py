@@ -82,6 +82,14 @@ def blue_vs_base(result: dict[str, Any], n_boot: int = 1000) -> dict[str, dict[s
     return out
 
 
+def point_heldout(point: dict[str, Any], doc_tokens: Optional[Sequence[int]]) -> Optional[dict[str, Any]]:
+    """A curve point's held-out NLLs with the token counts of its documents (the first ones of the
+    run's ``doc_tokens``), as :func:`paired_differences` takes them; None without either."""
+    if not doc_tokens or not point.get("doc_nll"):
+        return None
+    return {"doc_nll": point["doc_nll"], "doc_tokens": doc_tokens[:len(point["doc_nll"])]}
+
+
 def paired_differences(scores_b: Sequence[dict[str, Any]], scores_a: Sequence[dict[str, Any]],
                        heldout_b: Optional[dict[str, Any]], heldout_a: Optional[dict[str, Any]],
                        seed: int, n_boot: int = 1000) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,8 @@ from blue_plugin.editing.state import decode_value
 
 from benchmarks.common import read_json
 from benchmarks.sequential.curves import CURVE_METRICS
-from benchmarks.sequential.report import PPL_LABEL, cell, diff_cell, paired_differences, ppl_cell, write_outputs
+from benchmarks.sequential.report import (PPL_LABEL, cell, diff_cell, paired_differences, point_heldout, ppl_cell,
+                                         write_outputs)
 from benchmarks.sequential.restraint import first_acting, sigma_trace
 
 LABELS = {"efficacy": "Efficacy", "generalization": "Generalization", "specificity": "Specificity",
@@ -29,9 +30,8 @@ def restraint_effect(point: dict[str, Any], doc_tokens: Optional[Sequence[int]],
     other = point.get("unrestrained")
     if not other:
         return None
-    held = lambda p: ({"doc_nll": p["doc_nll"], "doc_tokens": list(doc_tokens[:len(p["doc_nll"])])}
-                      if doc_tokens and p.get("doc_nll") else None)
-    return paired_differences(point["scores"], other["scores"], held(point), held(other), seed)
+    return paired_differences(point["scores"], other["scores"], point_heldout(point, doc_tokens),
+                              point_heldout(other, doc_tokens), seed)
 
 
 def method_status(folder: Path, n: int, batch_size: int, doc_tokens: Optional[Sequence[int]] = None,
