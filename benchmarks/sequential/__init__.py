@@ -29,8 +29,11 @@ a dotted line in the curve plots, a table section), so its effect is paired over
 
 Resumable (:mod:`~benchmarks.sequential.checkpoints`): after every batch the method's
 :class:`blue_plugin.editing.session.EditSession` is saved under ``OUT/progress/<METHOD>/``;
-running the same command again continues where it stopped and ends with the same result. A
-finished method is kept in ``OUT/progress/<METHOD>/done.json``.
+running the same command again continues where it stopped and ends with the same result. Curve
+points are taken after the batch's checkpoint (one missing after a stop is taken on resuming), and
+the final evaluation saves its scores every ``--final-chunk-cases`` (100) cases
+(:mod:`~benchmarks.sequential.final`), so a stop loses at most one batch or one chunk. A finished
+method is kept in ``OUT/progress/<METHOD>/done.json``.
 
 Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequential.plots`):
 ``results.json`` (config, versions, machine, per-case scores, summaries, costs), ``table.md``

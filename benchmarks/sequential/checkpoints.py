@@ -4,7 +4,8 @@
 configuration is refused. Per method, ``<METHOD>/session/`` is a saved
 :class:`blue_plugin.editing.session.EditSession` (edited matrices and sequential state) and
 ``<METHOD>/progress.json`` the benchmark's own bookkeeping (wall times, curve, curve points); a
-finished method is kept in ``<METHOD>/done.json``. Files that hold one-off measurements of the
+finished method is kept in ``<METHOD>/done.json``; the chunks of its final evaluation saved so
+far are in ``<METHOD>/final_*.json`` (:mod:`~benchmarks.sequential.final`) until then. Files that hold one-off measurements of the
 first invocation (``statistics.json``, ``pre.json``) and the held-out documents with the unedited
 model's perplexity on them (``heldout.json``, ``pre_heldout.json``) are read back instead of
 measured again.
@@ -147,6 +148,10 @@ class SessionCheckpoints:
 
     def save(self, progress: dict[str, Any]) -> None:
         self.session.save(self.session_dir)
+        self.save_progress(progress)
+
+    def save_progress(self, progress: dict[str, Any]) -> None:
+        """The bookkeeping only (the session is unchanged since :meth:`save`)."""
         write_json(self.folder / "progress.json", progress)
 
     def cleanup(self) -> None:

@@ -40,6 +40,7 @@ from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VER
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
+from benchmarks.sequential.final import FinalEvaluation
 from benchmarks.sequential.plots import make_plots
 from benchmarks.sequential.report import blue_vs_base, paired_differences, render_table
 from benchmarks.sequential.restraint import first_acting, restrains_sequence, serving_unrestrained, sigma_trace
@@ -181,6 +182,9 @@ def run_benchmark(
         return {"scores": scores, "summary": summarize(scores, cfg.seed), "pre_locality": loc,
                 "eval_time_s": time.perf_counter() - t0}
 
+    def served_digest() -> str:
+        return weights_digest({l: editor0.weight(l) for l in layers})
+
     def restore() -> None:
         editor0.restore(originals)
         reset_state(model)
@@ -241,11 +245,10 @@ def run_benchmark(
 
             wall, curve, curves = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch,
                                                 method_point if cfg.curve_every else None, plan)
-            t0 = time.perf_counter()
-            scores = evaluate(cases, pre.get("pre_locality"))
-            eval_s = time.perf_counter() - t0
+            final = FinalEvaluation(prog_dir / method, cfg.n, served_digest, cfg.final_chunk_cases)
+            scores, eval_s = final.scores("served", cases, pre.get("pre_locality"), evaluate)
             summary = summarize(scores, cfg.seed)
-            held = heldout_scores()
+            held = final.heldout("served", heldout_scores)
             if held is not None:
                 summary["perplexity"] = held["summary"]
             restraint = None
@@ -254,8 +257,8 @@ def run_benchmark(
                 restraint = {"sigma_trace": trace, "first_acting_n_edits": first_acting(trace), "final": None}
                 with serving_unrestrained(model, tok, hp) as acting:
                     if acting:
-                        u_scores = evaluate(cases, pre.get("pre_locality"))
-                        u_held = heldout_scores()
+                        u_scores, _ = final.scores("unrestrained", cases, pre.get("pre_locality"), evaluate)
+                        u_held = final.heldout("unrestrained", heldout_scores)
                         u_summary = summarize(u_scores, cfg.seed)
                         if u_held is not None:
                             u_summary["perplexity"] = u_held["summary"]
@@ -281,6 +284,7 @@ def run_benchmark(
                 "costs": costs, "history": history, "restraint": restraint,
                 "checkpoints": ckpt.kind,
             })
+            final.cleanup()
             if not cfg.keep_checkpoints:
                 ckpt.cleanup()
             method_results[method] = read_json(done_file)  # same (JSON) form as a resumed method
@@ -324,8 +328,9 @@ def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, 
                   plan: CurvePlan) -> tuple[list[float], list[dict[str, Any]], list[dict[str, Any]]]:
     """Edit ``cases`` batch by batch from where ``ckpt`` left off, saving after each batch,
     evaluating the cases edited so far every ``cfg.eval_every`` edits and a curve point
-    (``curve_point(n_edits)``, when given) where ``plan`` says one is due. Returns the per-batch
-    wall times, the curve of intermediate summaries and the curve points (saved ones first)."""
+    (``curve_point(n_edits)``, when given) where ``plan`` says one is due, after the batch's
+    checkpoint (a point missing after a stop is taken on resuming). Returns the per-batch wall
+    times, the curve of intermediate summaries and the curve points (saved ones first)."""
     n, bs = cfg.n, cfg.batch_size
     n_batches = (n + bs - 1) // bs
     meta = ckpt.resume()
@@ -333,8 +338,28 @@ def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, 
     wall: list[float] = list(meta["batch_wall_s"]) if meta else []
     curve: list[dict[str, Any]] = list(meta["curve"]) if meta else []
     curves: list[dict[str, Any]] = list(meta.get("curves", [])) if meta else []
+
+    def progress(batches: int) -> dict[str, Any]:
+        return {"method": method, "batches_done": batches, "batch_wall_s": wall, "curve": curve, "curves": curves}
+
+    def evaluations_due(b: int) -> bool:
+        """The evaluations due after batch ``b`` (0-based) that are not recorded yet; True if any ran."""
+        done, ran = min(n, (b + 1) * bs), False
+        every = cfg.eval_every
+        if (every is not None and done // every > (b * bs) // every and done < n
+                and not any(c["n_edits"] == done for c in curve)):
+            sc = evaluate(cases[:done], pre_loc[:done] if pre_loc else None)
+            curve.append({"n_edits": done, "summary": summarize(sc, cfg.seed)})
+            ran = True
+        if curve_point is not None and plan.due(b * bs, done) and not any(c["n_edits"] == done for c in curves):
+            curves.append(curve_point(done))
+            ran = True
+        return ran
+
     if meta:
         logger.info("%s: resuming after batch %d of %d", method, start, n_batches)
+        if start and evaluations_due(start - 1):  # stopped between the batch's checkpoint and its evaluation
+            ckpt.save_progress(progress(start))
     bar = _tqdm()(total=n_batches, initial=start, desc=method, unit="batch", disable=not cfg.progress)
     try:
         for b in range(start, n_batches):
@@ -342,14 +367,9 @@ def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, 
             ckpt.apply([c.to_request() for c in cases[b * bs:(b + 1) * bs]])
             wall.append(time.perf_counter() - t0)
             done = min(n, (b + 1) * bs)
-            every = cfg.eval_every
-            if every is not None and done // every > (b * bs) // every and done < n:
-                sc = evaluate(cases[:done], pre_loc[:done] if pre_loc else None)
-                curve.append({"n_edits": done, "summary": summarize(sc, cfg.seed)})
-            if curve_point is not None and plan.due(b * bs, done):
-                curves.append(curve_point(done))
-            ckpt.save({"method": method, "batches_done": b + 1, "batch_wall_s": wall, "curve": curve,
-                       "curves": curves})
+            ckpt.save(progress(b + 1))  # the edit is kept even if the process stops during the evaluations
+            if evaluations_due(b):
+                ckpt.save_progress(progress(b + 1))
             bar.update(1)
             bar.set_postfix(edits=done, s_per_batch=f"{wall[-1]:.1f}")
             if on_batch is not None:

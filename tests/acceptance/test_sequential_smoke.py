@@ -66,16 +66,6 @@ def test_steps_per_layer_aggregates_over_batches():
 
 
 # ------------------------------------------------------------------------------------------- tiny
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """(model, tok, yaml path): a tiny random Llama (tests/tiny.py, vocabulary 400), layers [1, 2, 3]."""
-    from tests.tiny import make_llama, make_tokenizer, write_benchmark_yaml
-
-    path = write_benchmark_yaml(seq.DEFAULT_HPARAMS, tmp_path_factory.mktemp("tiny_seq"), layers=[1, 2, 3],
-                                v_num_grad_steps=6, mom2_update_weight=10.0)
-    return make_llama(n_layers=4, hidden=32, intermediate=64), make_tokenizer(), path
-
-
 def _raw(result):
     """Everything numeric that depends on the final weights of each method."""
     return {name: ([(s["rewrite_nll_new"], s["rewrite_nll_true"], s["paraphrase_nll_new"], s["neighborhood_nll_new"],
