@@ -31,8 +31,8 @@ Resumable (:mod:`~benchmarks.sequential.checkpoints`): after every batch the met
 :class:`blue_plugin.editing.session.EditSession` is saved under ``OUT/progress/<METHOD>/``;
 running the same command again continues where it stopped and ends with the same result. Curve
 points are taken after the batch's checkpoint (one missing after a stop is taken on resuming), and
-the final evaluation saves its scores every ``--final-chunk-cases`` (100) cases
-(:mod:`~benchmarks.sequential.final`), so a stop loses at most one batch or one chunk. A finished
+the evaluations of all cases (unedited, final) save their scores every ``--eval-chunk-cases``
+(100) cases (:mod:`~benchmarks.sequential.chunked`), so a stop loses at most one batch or one chunk. A finished
 method is kept in ``OUT/progress/<METHOD>/done.json``.
 
 Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequential.plots`):

@@ -4,11 +4,11 @@
 configuration is refused. Per method, ``<METHOD>/session/`` is a saved
 :class:`blue_plugin.editing.session.EditSession` (edited matrices and sequential state) and
 ``<METHOD>/progress.json`` the benchmark's own bookkeeping (wall times, curve, curve points); a
-finished method is kept in ``<METHOD>/done.json``; the chunks of its final evaluation saved so
-far are in ``<METHOD>/final_*.json`` (:mod:`~benchmarks.sequential.final`) until then. Files that hold one-off measurements of the
-first invocation (``statistics.json``, ``pre.json``) and the held-out documents with the unedited
-model's perplexity on them (``heldout.json``, ``pre_heldout.json``) are read back instead of
-measured again.
+finished method is kept in ``<METHOD>/done.json``; the chunks of an evaluation of all cases saved
+so far are in ``eval_*.json`` (:mod:`~benchmarks.sequential.chunked`) until it is complete. Files
+that hold one-off measurements of the first invocation (``statistics.json``, ``pre.json``) and the
+held-out documents with the unedited model's perplexity on them (``heldout.json``,
+``pre_heldout.json``) are read back instead of measured again.
 """
 from __future__ import annotations
 

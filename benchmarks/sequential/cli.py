@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out documents per curve point, the first of --heldout-docs (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per forward pass in evaluation")
     p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate() call for fluency")
-    p.add_argument("--final-chunk-cases", type=int, default=100,
-                   help="the final evaluation saves its scores after every this many cases (resumable within it)")
+    p.add_argument("--eval-chunk-cases", type=int, default=100,
+                   help="evaluations of all cases save their scores every this many cases (resumable within them)")
     p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the saved sessions of finished methods")
     p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> SequentialConfig:
         fluency_tokens=args.fluency_tokens, eval_every=args.eval_every, heldout_docs=args.heldout_docs,
         curve_every=args.curve_every, curve_cases=args.curve_cases, curve_fluency_cases=args.curve_fluency_cases,
         curve_heldout_docs=args.curve_heldout_docs, eval_batch_size=args.eval_batch_size,
-        gen_batch_size=args.gen_batch_size, final_chunk_cases=args.final_chunk_cases,
+        gen_batch_size=args.gen_batch_size, eval_chunk_cases=args.eval_chunk_cases,
         measure_cold_stats=args.measure_cold_stats,
         keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
         plots=not args.no_plots, checkpoints=args.checkpoints, pre_from=args.pre_from,

@@ -60,9 +60,10 @@ class SequentialConfig:
         curve_heldout_docs: held-out documents per curve point (the first ones of
             ``heldout_docs``); None: all.
         eval_batch_size, gen_batch_size: prompts per forward pass / per ``generate()`` call.
-        final_chunk_cases: the final evaluation saves its per-case scores after every this many
-            cases (:mod:`~benchmarks.sequential.final`), so a stopped run resumes within it. Not
-            part of the run's identity: scores differ from another chunking by rounding at most.
+        eval_chunk_cases: evaluations of all cases (the unedited model's, each method's final one)
+            save their per-case scores after every this many cases
+            (:mod:`~benchmarks.sequential.chunked`), so a stopped run resumes within them. Not part
+            of the run's identity: scores differ from another chunking by rounding at most.
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the saved session of finished methods.
         restart: discard progress in ``out`` instead of resuming.
@@ -98,7 +99,7 @@ class SequentialConfig:
     curve_heldout_docs: Optional[int] = None
     eval_batch_size: int = 32
     gen_batch_size: int = 16
-    final_chunk_cases: int = 100
+    eval_chunk_cases: int = 100
     measure_cold_stats: bool = False
     keep_checkpoints: bool = False
     restart: bool = False
@@ -126,7 +127,7 @@ class SequentialConfig:
         check_int("curve_heldout_docs", self.curve_heldout_docs, 1, allow_none=True)
         check_int("eval_batch_size", self.eval_batch_size, 1)
         check_int("gen_batch_size", self.gen_batch_size, 1)
-        check_int("final_chunk_cases", self.final_chunk_cases, 1)
+        check_int("eval_chunk_cases", self.eval_chunk_cases, 1)
         if self.checkpoints not in CHECKPOINT_CHOICES:
             raise ValueError(
                 f"checkpoints={self.checkpoints!r}: progress is saved with blue_plugin.editing.session.EditSession "

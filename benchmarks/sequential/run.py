@@ -36,11 +36,11 @@ from benchmarks.sequential.checkpoints import (
     measured_once,
     open_progress,
 )
+from benchmarks.sequential.chunked import ChunkedEvaluation
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
-from benchmarks.sequential.final import FinalEvaluation
 from benchmarks.sequential.plots import make_plots
 from benchmarks.sequential.report import blue_vs_base, paired_differences, render_table
 from benchmarks.sequential.restraint import first_acting, restrains_sequence, serving_unrestrained, sigma_trace
@@ -178,9 +178,11 @@ def run_benchmark(
     def pre_scores() -> dict[str, Any]:
         t0 = time.perf_counter()
         loc = pre_locality(model, tok, fmt, cases, cfg.eval_batch_size, base_hp.use_chat_template)
-        scores = evaluate(cases, loc)
+        loc_s = time.perf_counter() - t0
+        scores, eval_s = ChunkedEvaluation(prog_dir, 0, served_digest, cfg.eval_chunk_cases).scores(
+            "pre", cases, loc, evaluate)
         return {"scores": scores, "summary": summarize(scores, cfg.seed), "pre_locality": loc,
-                "eval_time_s": time.perf_counter() - t0}
+                "eval_time_s": loc_s + eval_s}
 
     def served_digest() -> str:
         return weights_digest({l: editor0.weight(l) for l in layers})
@@ -212,6 +214,7 @@ def run_benchmark(
         # the first invocation's timing is the one to report
         stats_first = measured_once(prog_dir / "statistics.json", lambda: stats_info)
         pre = measured_once(prog_dir / "pre.json", pre_scores)
+        ChunkedEvaluation(prog_dir, 0, served_digest).cleanup("pre")
         pre_held = None
         if cfg.heldout_docs:  # chosen and measured on the unedited model, once per run
             heldout = measured_once(prog_dir / "heldout.json",
@@ -245,7 +248,7 @@ def run_benchmark(
 
             wall, curve, curves = _edit_batches(cfg, method, ckpt, cases, evaluate, pre.get("pre_locality"), on_batch,
                                                 method_point if cfg.curve_every else None, plan)
-            final = FinalEvaluation(prog_dir / method, cfg.n, served_digest, cfg.final_chunk_cases)
+            final = ChunkedEvaluation(prog_dir / method, cfg.n, served_digest, cfg.eval_chunk_cases)
             scores, eval_s = final.scores("served", cases, pre.get("pre_locality"), evaluate)
             summary = summarize(scores, cfg.seed)
             held = final.heldout("served", heldout_scores)

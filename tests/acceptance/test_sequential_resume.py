@@ -1,8 +1,8 @@
 """Resuming a sequential run stopped during its evaluations (tiny random Llama, seconds).
 
-* final evaluation: a run stopped after some chunks of a method's final evaluation resumes at the
-  first unsaved chunk and ends with the scores of an uninterrupted run; saved chunks of other weights
-  are not used;
+* evaluations of all cases (the unedited model's, a method's final one): a run stopped after some
+  of their chunks resumes at the first unsaved chunk and ends with the scores of an uninterrupted
+  run; saved chunks of other weights are not used;
 * curve points: a run stopped while a curve point is evaluated keeps the batch it had edited and
   takes the point on resuming.
 """
@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
-from benchmarks.sequential.final import FinalEvaluation
+from benchmarks.sequential.chunked import ChunkedEvaluation
 from blue_plugin.datafiles import locate
 
 CF = locate("counterfact")
@@ -33,57 +33,66 @@ def _counting(real, calls, stop_at=None):
     return wrapped
 
 
-def test_final_evaluation_resumes_at_its_first_unsaved_chunk(tiny_setup, tmp_path, monkeypatch):
+def test_evaluations_of_all_cases_resume_at_their_first_unsaved_chunk(tiny_setup, tmp_path, monkeypatch):
     from benchmarks.common import read_json
 
     model, tok, hp_path = tiny_setup
     kw = dict(data=CF, methods="MEMIT", n=5, batch_size=5, seed=0, hparams=hp_path, model=model, tok=tok,
-              fluency_tokens=4, heldout_docs=4, final_chunk_cases=2, progress=False, plots=False)
+              fluency_tokens=4, heldout_docs=4, eval_chunk_cases=2, progress=False, plots=False)
     full = seq.run_benchmark(out=tmp_path / "full", **kw)
     real = run_module.evaluate_cases
+    prog = tmp_path / "resumed" / "progress"
 
-    calls: list[int] = []  # the unedited evaluation (5 cases), then the final one in chunks of 2
-    monkeypatch.setattr(run_module, "evaluate_cases", _counting(real, calls, stop_at=3))
-    with pytest.raises(seq.BenchmarkInterrupted):
+    calls: list[int] = []  # cases per evaluate_cases call
+    monkeypatch.setattr(run_module, "evaluate_cases", _counting(real, calls, stop_at=2))
+    with pytest.raises(seq.BenchmarkInterrupted):  # stopped in the unedited model's evaluation
         seq.run_benchmark(out=tmp_path / "resumed", **kw)
-    assert calls == [5, 2, 2]
-    folder = tmp_path / "resumed" / "progress" / "MEMIT"
-    saved = read_json(folder / "final_served.json")
+    assert calls == [2, 2] and len(read_json(prog / "eval_pre.json")["scores"]) == 2
+    assert not (prog / "pre.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(run_module, "evaluate_cases", _counting(real, calls, stop_at=4))
+    with pytest.raises(seq.BenchmarkInterrupted):  # stopped in MEMIT's final evaluation
+        seq.run_benchmark(out=tmp_path / "resumed", **kw)
+    assert calls == [2, 1, 2, 2]  # the rest of the unedited evaluation, then the final one
+    assert (prog / "pre.json").is_file() and not (prog / "eval_pre.json").exists()
+    saved = read_json(prog / "MEMIT" / "eval_served.json")
     assert len(saved["scores"]) == 2 and saved["key"]["n_edits"] == 5
 
     calls.clear()
     monkeypatch.setattr(run_module, "evaluate_cases", _counting(real, calls))
     resumed = seq.run_benchmark(out=tmp_path / "resumed", **kw)
-    assert calls == [2, 1]  # the unedited evaluation and the first chunk are read back
+    assert calls == [2, 1]  # the final evaluation's saved chunk is read back
+    assert resumed["pre"]["scores"] == full["pre"]["scores"]
     m, f = resumed["methods"]["MEMIT"], full["methods"]["MEMIT"]
     assert m["scores"] == f["scores"] and m["summary"] == f["summary"]
     assert m["heldout"]["doc_nll"] == f["heldout"]["doc_nll"]
-    assert not list(folder.glob("final_*.json"))  # removed once the method's results are written
+    assert not list(prog.rglob("eval_*.json"))  # removed once the results are written
     assert m["costs"]["eval_time_s"] > 0
 
 
-def test_final_evaluation_ignores_parts_of_other_weights(tmp_path):
+def test_chunked_evaluation_ignores_parts_of_other_weights(tmp_path):
     digest = {"value": "a"}
-    final = FinalEvaluation(tmp_path, 3, lambda: digest["value"], chunk_cases=2)
+    part = ChunkedEvaluation(tmp_path, 3, lambda: digest["value"], chunk_cases=2)
     seen: list[list[int]] = []
 
     def evaluate(cases, loc):
         seen.append(list(cases))
         return [{"index": c, "weights": digest["value"]} for c in cases]
 
-    scores, _ = final.scores("served", [0, 1, 2], None, evaluate)
+    scores, _ = part.scores("served", [0, 1, 2], None, evaluate)
     assert seen == [[0, 1], [2]] and [s["weights"] for s in scores] == ["a"] * 3
     seen.clear()
-    assert final.scores("served", [0, 1, 2], None, evaluate)[0] == scores and seen == []  # all read back
+    assert part.scores("served", [0, 1, 2], None, evaluate)[0] == scores and seen == []  # all read back
     digest["value"] = "b"  # other weights (e.g. a session saved again): nothing saved is used
-    scores_b, _ = final.scores("served", [0, 1, 2], None, evaluate)
+    scores_b, _ = part.scores("served", [0, 1, 2], None, evaluate)
     assert seen == [[0, 1], [2]] and [s["weights"] for s in scores_b] == ["b"] * 3
-    assert final.heldout("served", lambda: {"ppl": 2.0}) == {"ppl": 2.0}
-    assert final.heldout("served", lambda: pytest.fail("measured again")) == {"ppl": 2.0}
-    final.cleanup()
-    assert not list(tmp_path.glob("final_*.json"))
+    assert part.heldout("served", lambda: {"ppl": 2.0}) == {"ppl": 2.0}
+    assert part.heldout("served", lambda: pytest.fail("measured again")) == {"ppl": 2.0}
+    part.cleanup()
+    assert not list(tmp_path.glob("eval_*.json"))
     with pytest.raises(ValueError, match="chunk_cases"):
-        FinalEvaluation(tmp_path, 3, lambda: "a", chunk_cases=0)
+        ChunkedEvaluation(tmp_path, 3, lambda: "a", chunk_cases=0)
 
 
 def test_stop_during_a_curve_point_keeps_the_batch_and_takes_the_point_on_resuming(tiny_setup, tmp_path,

@@ -1,12 +1,13 @@
-"""A method's final evaluation, resumable: the cases are scored in chunks and each chunk is saved.
+"""Evaluations of all N cases, resumable: the cases are scored in chunks and each chunk is saved.
 
-At N = 2,000 the evaluation after the last batch takes as long as several batches (on one CPU
-core about 40 minutes per evaluation; PRUNE evaluates twice, restrained and unrestrained), and a
-process stopped during it used to lose all of it. :class:`FinalEvaluation` keeps, per evaluated
-variant (``served``, ``unrestrained``), the per-case scores of the chunks done so far in
-``<METHOD>/final_<variant>.json`` and the held-out perplexity in
-``<METHOD>/final_<variant>_heldout.json``, each tagged with the number of edits and a digest of
-the critical layers' weights that were evaluated: a saved part is used only for the same weights.
+At N = 2,000 an evaluation of all cases takes as long as several batches (on one CPU core about 50
+minutes: the unedited model's, and each method's after its last batch, twice for PRUNE, restrained
+and unrestrained), and a process stopped during it used to lose all of it.
+:class:`ChunkedEvaluation` keeps, per evaluated variant (``pre``, ``served``, ``unrestrained``),
+the per-case scores of the chunks done so far in ``eval_<variant>.json`` and the held-out
+perplexity in ``eval_<variant>_heldout.json`` of its folder, each tagged with the number of edits
+and a digest of the critical layers' weights that were evaluated: a saved part is used only for
+the same weights.
 
 The chunks are consecutive slices of ``chunk_cases`` cases; a resumed evaluation scores exactly the
 slices an uninterrupted one would, so both give the same scores. Against a single evaluation of
@@ -25,11 +26,12 @@ from benchmarks.common import read_json, write_json
 logger = logging.getLogger("benchmarks.sequential")
 
 
-class FinalEvaluation:
-    """The final evaluation of one method after ``n_edits`` edits, saved under ``folder``.
+class ChunkedEvaluation:
+    """Evaluations of one model state (``n_edits`` edits), saved under ``folder``.
 
     Args:
-        folder: the method's progress folder (``progress/<METHOD>``).
+        folder: where the parts are kept (a method's ``progress/<METHOD>``; ``progress`` for the
+            unedited model).
         n_edits: edits the evaluated weights carry.
         digest: returns a digest of the weights being served now (called per variant, so the
             restrained and unrestrained weights of PRUNE get their own).
@@ -40,6 +42,7 @@ class FinalEvaluation:
         if chunk_cases < 1:
             raise ValueError(f"chunk_cases must be >= 1, got {chunk_cases}")
         self.folder, self.n_edits, self.digest, self.chunk = Path(folder), int(n_edits), digest, int(chunk_cases)
+        self.variants: list[str] = []
 
     def _key(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "weights": self.digest()}
@@ -58,13 +61,14 @@ class FinalEvaluation:
                ) -> tuple[list[dict[str, Any]], float]:
         """Per-case scores of ``cases`` (``evaluate(cases_slice, loc_slice)`` per chunk) and the
         evaluation's seconds, over all invocations; chunks saved earlier are read back."""
-        path = self.folder / f"final_{variant}.json"
+        path = self.folder / f"eval_{variant}.json"
+        self.variants.append(variant)
         key = self._key()
         saved = self._saved(path, key)
         scores: list[dict[str, Any]] = list(saved.get("scores", []))
         eval_s = float(saved.get("eval_s", 0.0))
         if scores:
-            logger.info("final evaluation (%s): %d of %d cases saved earlier", variant, len(scores), len(cases))
+            logger.info("evaluation (%s): %d of %d cases saved earlier", variant, len(scores), len(cases))
         for start in range(len(scores), len(cases), self.chunk):
             t0 = time.perf_counter()
             part = slice(start, start + self.chunk)
@@ -75,7 +79,8 @@ class FinalEvaluation:
 
     def heldout(self, variant: str, measure: Callable[[], Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
         """``measure()`` (the held-out perplexity), or what an earlier invocation saved for the same weights."""
-        path = self.folder / f"final_{variant}_heldout.json"
+        path = self.folder / f"eval_{variant}_heldout.json"
+        self.variants.append(variant)
         key = self._key()
         saved = self._saved(path, key)
         if "value" in saved:
@@ -84,7 +89,9 @@ class FinalEvaluation:
         write_json(path, {"key": key, "value": value})
         return value
 
-    def cleanup(self) -> None:
-        """Remove the saved parts (the method's results are written)."""
-        for path in self.folder.glob("final_*.json"):
-            path.unlink()
+    def cleanup(self, *variants: str) -> None:
+        """Remove the parts of ``variants`` (default: those evaluated here), whose results are written
+        elsewhere."""
+        for variant in set(variants or self.variants):
+            for path in (self.folder / f"eval_{variant}.json", self.folder / f"eval_{variant}_heldout.json"):
+                path.unlink(missing_ok=True)
