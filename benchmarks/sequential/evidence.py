@@ -3,7 +3,8 @@ BLUE's paired difference from its base method is resolved by the run's cases (th
 interval excludes 0) and in which direction, with the interval.
 
 A verdict says no more than the interval: "BLUE better" / "BLUE worse" when it excludes 0 (for the
-held-out perplexity lower is better, for every other metric higher), "tie" otherwise. Runs are read
+held-out perplexity lower is better, for every other metric higher), "tie" otherwise; a fluency
+raised above the unedited model's interval is "above pre", not "better". Runs are read
 from their ``results.json`` (``blue_vs_base`` as :func:`benchmarks.sequential.report.blue_vs_base`
 stores it; older results without it are computed from their per-case scores)."""
 from __future__ import annotations
@@ -18,6 +19,9 @@ from benchmarks.sequential.report import (PPL_LABEL, blue_vs_base, metric_keys, 
 
 #: metrics where a lower value is the better one
 LOWER_IS_BETTER = ("perplexity",)
+#: verdict for a fluency that BLUE raises above the unedited model's interval: more n-gram entropy
+#: than the unedited model has is a departure from it, not an improvement
+ABOVE_PRE = "above pre"
 
 
 def verdict(diff: Optional[dict[str, Any]], metric: str) -> Optional[str]:
@@ -30,6 +34,31 @@ def verdict(diff: Optional[dict[str, Any]], metric: str) -> Optional[str]:
         return "tie"
     higher = lo > 0
     return "better" if higher != (metric in LOWER_IS_BETTER) else "worse"
+
+
+def fluency_levels(result: dict[str, Any], method: str, n_edits: Optional[int] = None) -> tuple[Any, Any]:
+    """(upper end of the unedited model's 95 % interval, ``method``'s mean) of fluency: on all cases
+    (``n_edits`` None) or on the sample of the curve point after ``n_edits`` edits (point 0 holds
+    the unedited model's on it)."""
+    def get(summary, key):
+        return ((summary or {}).get("fluency") or {}).get(key)
+
+    if n_edits is None:
+        pre = (result.get("pre") or {}).get("summary")
+        return get(pre, "ci_high"), get(result["methods"][method].get("summary"), "mean")
+    pts = result["methods"][method].get("curves") or []
+    at = next((p for p in pts if p["n_edits"] == n_edits and p["source"] != "pre"), {})
+    zero = next((p for p in pts if p["n_edits"] == 0), {})
+    return get(zero.get("summary"), "ci_high"), get(at.get("summary"), "mean")
+
+
+def fluency_verdict(result: dict[str, Any], base: str, n_edits: Optional[int], v: Optional[str]) -> Optional[str]:
+    """``v``, except :data:`ABOVE_PRE` for a "better" fluency where BLUE's mean is above the unedited
+    model's interval."""
+    if v != "better":
+        return v
+    pre_high, blue = fluency_levels(result, f"{base}_BLUE", n_edits)
+    return ABOVE_PRE if pre_high is not None and blue is not None and blue > pre_high else v
 
 
 def point_differences(result: dict[str, Any], base: str, n_edits: int) -> Optional[dict[str, Any]]:
@@ -65,10 +94,14 @@ def evidence_rows(dirs: Sequence[str | os.PathLike], points: Sequence[int] = ())
         for base, per in diffs.items():
             found = [(n, point_differences(result, base, n)) for n in points if n < cfg["n"]]
             for n, cases, per_n in [(n, pd["cases"], pd["per"]) for n, pd in found if pd] + [(cfg["n"], cfg["n"], per)]:
+                metrics = {k: {"diff": per_n.get(k), "verdict": verdict(per_n.get(k), k)} for k in keys}
+                if "fluency" in metrics:
+                    metrics["fluency"]["verdict"] = fluency_verdict(result, base, None if n == cfg["n"] else n,
+                                                                    metrics["fluency"]["verdict"])
                 rows.append({
                     "run": str(d), "model": Path(str(cfg["model"])).name, "data": cfg["format"],
                     "n": n, "of_n": cfg["n"], "cases": cases, "batch_size": cfg["batch_size"], "base": base,
-                    "metrics": {k: {"diff": per_n.get(k), "verdict": verdict(per_n.get(k), k)} for k in keys},
+                    "metrics": metrics,
                 })
     return rows
 
@@ -101,8 +134,10 @@ def render_evidence(rows: Sequence[dict[str, Any]]) -> str:
                      + " | ".join(cells) + " |")
     lines += ["", "BLUE minus its base method, paired over the same cases (held-out perplexity: over the same "
               "documents), x100 except perplexity, 95 % bootstrap interval. **better** / **worse**: the interval "
-              "excludes 0 (lower perplexity is better); tie: it does not. \"N of M\": the curve point after N of a "
-              "run's M edits, on its seeded sample of the cases edited so far (fluency on the first 50 of them)."]
+              "excludes 0 (lower perplexity is better); tie: it does not; **above pre**: BLUE's fluency is resolved "
+              "above its base method's and lies above the unedited model's interval, a departure from the unedited "
+              "model rather than an improvement. \"N of M\": the curve point after N of a run's M edits, on its seeded "
+              "sample of the cases edited so far (fluency on the first 50 of them)."]
     return "\n".join(lines) + "\n"
 
 

@@ -99,3 +99,36 @@ def test_status_of_a_folder_without_progress_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--status", "--out", str(tmp_path / "nothing")])
     assert exc.value.code == 2 and "not the --out folder of a started run" in capsys.readouterr().err
+
+
+def test_fluency_above_the_unedited_interval_is_not_called_better(tmp_path):
+    """BLUE's fluency resolved above its base's is "better" while it stays within the unedited
+    model's interval, "above pre" beyond it; at a curve point, point 0 gives the unedited interval."""
+    def flu(v):
+        return {"fluency": {"mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n": 4}}
+
+    def point(n, vals, summary):
+        return {"n_edits": n, "source": "pre" if n == 0 else "evaluated", "n_cases": len(vals), "summary": summary,
+                "scores": [{"index": i, "case_id": i, "efficacy": 1.0, "fluency": v} for i, v in enumerate(vals)]}
+
+    folder = _result(tmp_path, "f", False)
+    result = json.loads((folder / "results.json").read_text())
+    for name, v in (("MEMIT", 3.0), ("MEMIT_BLUE", 6.0)):
+        m = result["methods"][name]
+        for s in m["scores"]:
+            s["fluency"] = v + 0.01 * s["case_id"]
+        m["summary"] = flu(v)
+        m["curves"] = [point(0, [5.0] * 4, flu(5.0)), point(10, [v] * 4, flu(v))]
+    for pre_level, expected in ((5.0, "above pre"), (6.5, "better")):
+        result["pre"] = {"summary": flu(pre_level)}
+        (folder / "results.json").write_text(json.dumps(result))
+        final = evidence_rows([folder])[0]["metrics"]["fluency"]
+        assert final["verdict"] == expected and final["diff"]["mean"] == pytest.approx(3.0)
+    at10 = evidence_rows([folder], points=[10])[0]
+    assert at10["n"] == 10 and at10["metrics"]["fluency"]["verdict"] == "above pre"  # point 0: 5.0 [4.9, 5.1]
+    assert "**above pre** +300.0" in render_evidence([at10])
+    result["methods"]["MEMIT_BLUE"]["summary"] = flu(2.0)  # BLUE below its base: "worse" is left alone
+    for s in result["methods"]["MEMIT_BLUE"]["scores"]:
+        s["fluency"] = 2.0
+    (folder / "results.json").write_text(json.dumps(result))
+    assert evidence_rows([folder])[0]["metrics"]["fluency"]["verdict"] == "worse"
