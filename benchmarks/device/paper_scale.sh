@@ -25,7 +25,7 @@ left() { echo $((DEADLINE - $(date +%s) - ${1:-0})); }
 pack() { tar czf $OUTD/res.tgz.tmp --exclude=session -C $R . 2>/dev/null && mv $OUTD/res.tgz.tmp $OUTD/res.tgz; }
 (while true; do sleep 30; pack; done) & PACKER=$!
 COMMON="--data counterfact --n $N --batch-size $B --seed 0 --curve-every $CE --heldout-docs $HO --device $DEV
-  --no-progress --no-plots --stats-dir /tmp/stats --eval-batch-size 128 --gen-batch-size 128 --set v_max_batch_tokens=8192 ${EXTRA:-}"
+  --no-progress --no-plots --stats-dir /tmp/stats --eval-batch-size 128 --gen-batch-size 128 --eval-chunk-cases 500 --set v_max_batch_tokens=8192 ${EXTRA:-}"
 PIDS=""
 start() { # folder method [flags]: one method in its own process, output folder shared by the pair
   local dir=$1 m=$2; shift 2
