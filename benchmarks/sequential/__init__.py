@@ -32,8 +32,8 @@ Resumable (:mod:`~benchmarks.sequential.checkpoints`): after every batch the met
 running the same command again continues where it stopped and ends with the same result. Curve
 points are taken after the batch's checkpoint (one missing after a stop is taken on resuming), and
 the evaluations of all cases (unedited, final) save their scores every ``--eval-chunk-cases``
-(100) cases (:mod:`~benchmarks.sequential.chunked`), so a stop loses at most one batch or one chunk. A finished
-method is kept in ``OUT/progress/<METHOD>/done.json``.
+(100) cases (:mod:`~benchmarks.sequential.chunked`), so a stop loses at most one batch or one
+chunk. A finished method is kept in ``OUT/progress/<METHOD>/done.json``.
 
 Outputs in ``OUT`` (:mod:`~benchmarks.sequential.report`, :mod:`~benchmarks.sequential.plots`):
 ``results.json`` (config, versions, machine, per-case scores, summaries, costs), ``table.md``
