@@ -42,6 +42,8 @@ def method_status(folder: Path, n: int, batch_size: int, doc_tokens: Optional[Se
     if done.is_file():
         r = read_json(done)
         history, curves, state, edits = r.get("history") or [], r.get("curves") or [], "finished", n
+        if not curves and r.get("summary"):  # a run without curve points: its final evaluation of all cases
+            curves = [{"n_edits": n, "source": "final", "summary": r["summary"]}]
         wall = (r.get("costs") or {}).get("batch_wall_s") or []
     elif prog.is_file():
         p = read_json(prog)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
 from benchmarks.sequential.chunked import ChunkedEvaluation
+from benchmarks.sequential.status import write_status
 from blue_plugin.datafiles import locate
 
 CF = locate("counterfact")
@@ -69,6 +70,11 @@ def test_evaluations_of_all_cases_resume_at_their_first_unsaved_chunk(tiny_setup
     assert m["heldout"]["doc_nll"] == f["heldout"]["doc_nll"]
     assert not list(prog.rglob("eval_*.json"))  # removed once the results are written
     assert m["costs"]["eval_time_s"] > 0
+    # --status of a finished method without curve points shows its final evaluation
+    status = write_status(tmp_path / "resumed")
+    assert status["methods"]["MEMIT"]["curves"] == [{"n_edits": 5, "source": "final", "summary": m["summary"],
+                                                     "unrestrained": None, "restrained_minus_unrestrained": None}]
+    assert "* MEMIT: finished, 5 of 5 edits" in status["table"] and "| MEMIT | 5 |" in status["table"]
 
 
 def test_chunked_evaluation_ignores_parts_of_other_weights(tmp_path):
