@@ -42,7 +42,6 @@ class ChunkedEvaluation:
         if chunk_cases < 1:
             raise ValueError(f"chunk_cases must be >= 1, got {chunk_cases}")
         self.folder, self.n_edits, self.digest, self.chunk = Path(folder), int(n_edits), digest, int(chunk_cases)
-        self.variants: list[str] = []
 
     def _key(self) -> dict[str, Any]:
         return {"n_edits": self.n_edits, "weights": self.digest()}
@@ -62,7 +61,6 @@ class ChunkedEvaluation:
         """Per-case scores of ``cases`` (``evaluate(cases_slice, loc_slice)`` per chunk) and the
         evaluation's seconds, over all invocations; chunks saved earlier are read back."""
         path = self.folder / f"eval_{variant}.json"
-        self.variants.append(variant)
         key = self._key()
         saved = self._saved(path, key)
         scores: list[dict[str, Any]] = list(saved.get("scores", []))
@@ -80,7 +78,6 @@ class ChunkedEvaluation:
     def heldout(self, variant: str, measure: Callable[[], Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
         """``measure()`` (the held-out perplexity), or what an earlier invocation saved for the same weights."""
         path = self.folder / f"eval_{variant}_heldout.json"
-        self.variants.append(variant)
         key = self._key()
         saved = self._saved(path, key)
         if "value" in saved:
@@ -89,9 +86,7 @@ class ChunkedEvaluation:
         write_json(path, {"key": key, "value": value})
         return value
 
-    def cleanup(self, *variants: str) -> None:
-        """Remove the parts of ``variants`` (default: those evaluated here), whose results are written
-        elsewhere."""
-        for variant in set(variants or self.variants):
-            for path in (self.folder / f"eval_{variant}.json", self.folder / f"eval_{variant}_heldout.json"):
-                path.unlink(missing_ok=True)
+    def cleanup(self) -> None:
+        """Remove the saved parts in the folder (their results are written elsewhere)."""
+        for path in self.folder.glob("eval_*.json"):
+            path.unlink()

@@ -36,6 +36,13 @@ def verdict(diff: Optional[dict[str, Any]], metric: str) -> Optional[str]:
     return "better" if higher != (metric in LOWER_IS_BETTER) else "worse"
 
 
+def curve_point(result: dict[str, Any], method: str, n_edits: int) -> Optional[dict[str, Any]]:
+    """``method``'s curve point after ``n_edits`` edits (point 0 is the unedited model's); None if
+    it has none."""
+    return next((p for p in result["methods"][method].get("curves") or []
+                 if p["n_edits"] == n_edits and (n_edits == 0 or p["source"] != "pre")), None)
+
+
 def fluency_levels(result: dict[str, Any], method: str, n_edits: Optional[int] = None) -> tuple[Any, Any]:
     """(upper end of the unedited model's 95 % interval, ``method``'s mean) of fluency: on all cases
     (``n_edits`` None) or on the sample of the curve point after ``n_edits`` edits (point 0 holds
@@ -46,9 +53,7 @@ def fluency_levels(result: dict[str, Any], method: str, n_edits: Optional[int] =
     if n_edits is None:
         pre = (result.get("pre") or {}).get("summary")
         return get(pre, "ci_high"), get(result["methods"][method].get("summary"), "mean")
-    pts = result["methods"][method].get("curves") or []
-    at = next((p for p in pts if p["n_edits"] == n_edits and p["source"] != "pre"), {})
-    zero = next((p for p in pts if p["n_edits"] == 0), {})
+    zero, at = curve_point(result, method, 0) or {}, curve_point(result, method, n_edits) or {}
     return get(zero.get("summary"), "ci_high"), get(at.get("summary"), "mean")
 
 
@@ -65,11 +70,7 @@ def point_differences(result: dict[str, Any], base: str, n_edits: int) -> Option
     """BLUE minus ``base`` at the curve point after ``n_edits`` edits (both methods' points hold the
     same seeded sample of cases and the same held-out documents), paired per case / document;
     None when either method has no such point."""
-    def point(method):
-        return next((p for p in result["methods"][method].get("curves") or []
-                     if p["n_edits"] == n_edits and p["source"] != "pre"), None)
-
-    pa, pb = point(base), point(f"{base}_BLUE")
+    pa, pb = curve_point(result, base, n_edits), curve_point(result, f"{base}_BLUE", n_edits)
     if pa is None or pb is None:
         return None
     tokens = (result["pre"].get("heldout") or {}).get("doc_tokens")
