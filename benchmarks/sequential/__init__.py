@@ -45,7 +45,10 @@ DIR`` writes ``evidence.md`` (:mod:`~benchmarks.sequential.evidence`): per run a
 BLUE minus base with "better" / "worse" only where the 95 % interval excludes 0; ``--status --out
 DIR`` (:mod:`~benchmarks.sequential.status`) says where a run stands from its progress folder
 (methods, batches, curve points so far) and writes ``status.md`` / ``status.json``; ``--pre-from
-DIR`` takes the unedited evaluation from another run of the same configuration.
+DIR`` takes the unedited evaluation from another run of the same configuration. Finished
+measurements (the unedited evaluation, each finished method) are copied, gzip-compressed, to
+``OUT/kept/`` (:mod:`~benchmarks.sequential.kept`), small enough to commit: a run in a folder whose
+progress is gone (another machine) restores them and resumes after the last finished method.
 
 From Python: ``run_benchmark(SequentialConfig(data=..., methods=..., n=..., batch_size=...),
 model=..., tok=...)``; the fields may also be given as keywords of :func:`run_benchmark`.

@@ -10,6 +10,7 @@ import torch
 from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, METHODS, REPO_ROOT, parse_overrides
 from benchmarks.sequential.config import CHECKPOINT_CHOICES, DTYPES, SequentialConfig
 from benchmarks.sequential.evidence import write_evidence
+from benchmarks.sequential.kept import KEPT_DIR, keep_finished
 from benchmarks.sequential.report import compare_runs, render_table
 from benchmarks.sequential.status import write_status
 from benchmarks.sequential.run import run_benchmark
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --evidence: also the curve points after these numbers of edits, e.g. 200,1000")
     p.add_argument("--status", action="store_true",
                    help="say where the run in --out stands (methods, batches, curve points so far) without running it; "
-                        "writes --out/status.md and status.json")
+                        "writes --out/status.md and status.json, and copies finished measurements to --out/kept")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -103,9 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.status:
         try:
             res = write_status(args.out)
+            kept = keep_finished(args.out)
         except ValueError as exc:
             parser.exit(2, f"error: {exc}\n")
         print(res["table"])
+        print(f"kept in {args.out}/{KEPT_DIR}: {', '.join(kept) or 'nothing new'}")
         return 0
     if args.evidence:
         try:

@@ -33,6 +33,7 @@ from benchmarks.common import (
 from benchmarks.sequential.checkpoints import (
     SessionCheckpoints,
     adopt_run_files,
+    config_hash,
     measured_once,
     open_progress,
 )
@@ -41,6 +42,7 @@ from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VER
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
+from benchmarks.sequential.kept import check_kept, discard_kept, keep_finished, restore_kept
 from benchmarks.sequential.plots import make_plots
 from benchmarks.sequential.report import blue_vs_base, paired_differences, render_table
 from benchmarks.sequential.restraint import first_acting, restrains_sequence, serving_unrestrained, sigma_trace
@@ -166,7 +168,11 @@ def run_benchmark(
         "curve_fluency_cases": cfg.curve_fluency_cases,
         "curve_heldout_docs": cfg.curve_heldout_docs,
     }
+    if cfg.restart:
+        discard_kept(out)
+    check_kept(out, config_hash(config))  # before anything is written to ``out``
     prog_dir, chash = open_progress(out, config, cfg.restart)
+    restore_kept(out, chash)  # what finished in an earlier run of this folder, elsewhere
     if cfg.pre_from is not None:
         adopt_run_files(prog_dir, Path(cfg.pre_from), chash)
     logger.info("checkpoints: blue_plugin.editing.session.EditSession")
@@ -222,6 +228,7 @@ def run_benchmark(
                                     lambda: select_heldout(model, tok, base_hp, cfg.heldout_docs, cfg.progress))
             pre_held = measured_once(prog_dir / "pre_heldout.json", heldout_scores)
             pre["summary"]["perplexity"] = pre_held["summary"]
+        keep_finished(out)
         point0 = point_from_scores(plan, 0, "pre", pre["scores"], pre_held) if cfg.curve_every else None
         pre_peak = peak_rss_mib()  # statistics + pre evaluation
         for method in method_list:
@@ -288,6 +295,7 @@ def run_benchmark(
                 "costs": costs, "history": history, "restraint": restraint,
                 "checkpoints": ckpt.kind,
             })
+            keep_finished(out)
             final.cleanup()
             if not cfg.keep_checkpoints:
                 ckpt.cleanup()

@@ -1,0 +1,145 @@
+"""Finished measurements of a run, kept beside its results so that they outlive the progress folder.
+
+``OUT/progress/`` holds everything a run needs to resume, but it is large (saved sessions hold
+edited matrices) and is not committed; a run on a new machine starts from nothing. Yet most of what
+a long run measures is finished long before the run is: the key statistics' timing, the unedited
+model's evaluation of all N cases, the held-out documents with their unedited perplexity (an hour
+on one CPU core at N = 2,000), and each method that has completed its sequence and final evaluation
+(several hours each). :func:`keep_finished` copies those files, gzip-compressed, to ``OUT/kept/``
+(small enough to commit: about a sixth of their JSON); :func:`restore_kept` puts back into a
+progress folder the ones it lacks, so a run started on another machine resumes after the last
+finished method instead of from nothing. Methods in progress are not kept (their state is the
+edited weights) and start again from their first batch.
+
+``kept/config.json`` records the configuration hash: a progress folder of another configuration
+neither writes nor restores kept files (the run refuses it before, see
+:func:`~benchmarks.sequential.checkpoints.open_progress`).
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from benchmarks.common import read_json, write_json
+from benchmarks.sequential.checkpoints import RUN_LEVEL_FILES
+
+logger = logging.getLogger("benchmarks.sequential")
+
+KEPT_DIR = "kept"
+#: a method's file that marks it finished (and holds its scores, curve and costs)
+DONE_FILE = "done.json"
+
+
+def finished_files(prog_dir: Path) -> list[str]:
+    """Names (relative to ``prog_dir``) of the finished measurements present in ``prog_dir``."""
+    names = [n for n in RUN_LEVEL_FILES if (prog_dir / n).is_file()]
+    names += sorted(f"{d.name}/{DONE_FILE}" for d in prog_dir.iterdir() if d.is_dir() and (d / DONE_FILE).is_file())
+    return names
+
+
+def _gzip_copy(src: Path, dst: Path) -> None:
+    """``src`` gzip-compressed to ``dst`` (no timestamp in the header, so equal content gives equal
+    bytes), written atomically."""
+    with src.open("rb") as fin, _atomic(dst) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                                   mtime=0) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+def _gunzip_copy(src: Path, dst: Path) -> None:
+    with gzip.open(src, "rb") as fin, _atomic(dst) as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+@contextmanager
+def _atomic(dst: Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``dst`` when the block ends without an exception (a temporary
+    file of its own, so two processes keeping the same folder do not collide)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def keep_finished(out: str | Path) -> list[str]:
+    """Copy the finished measurements of ``out/progress`` to ``out/kept`` (gzip) where the kept
+    copy is missing or older; returns the names copied. Nothing happens without a progress folder.
+
+    Raises:
+        ValueError: ``out/kept`` holds files of another configuration.
+    """
+    out = Path(out)
+    prog_dir, kept = out / "progress", out / KEPT_DIR
+    if not (prog_dir / "config.json").is_file():
+        return []
+    config = read_json(prog_dir / "config.json")
+    check_kept(out, config.get("hash"))
+    copied = []
+    for name in finished_files(prog_dir):
+        src, dst = prog_dir / name, kept / (name + ".gz")
+        if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+            _gzip_copy(src, dst)
+            copied.append(name)
+    if copied or not (kept / "config.json").is_file():
+        write_json(kept / "config.json", config)
+    if copied:
+        logger.info("kept in %s: %s", kept, ", ".join(copied))
+    return copied
+
+
+def restore_kept(out: str | Path, chash: str) -> list[str]:
+    """Put the kept measurements of ``out/kept`` into ``out/progress`` where it lacks them (the
+    progress folder of configuration hash ``chash`` must exist); returns the names restored.
+
+    Raises:
+        ValueError: ``out/kept`` holds files of another configuration (pass ``restart=True`` to
+            discard them, or choose another ``out``).
+    """
+    out = Path(out)
+    prog_dir, kept = out / "progress", out / KEPT_DIR
+    if not (kept / "config.json").is_file():
+        return []
+    check_kept(out, chash)
+    restored = []
+    for src in sorted(kept.rglob("*.json.gz")):
+        name = src.relative_to(kept).as_posix()[:-len(".gz")]
+        dst = prog_dir / name
+        if dst.is_file():
+            continue
+        if name.endswith("/" + DONE_FILE) and (dst.parent / "session").exists():
+            # a method finished elsewhere while this folder holds a sequence of its own: keep the
+            # finished one, whose scores are those of all N edits
+            logger.warning("%s: finished in the kept copy; the saved session here is not used", dst.parent.name)
+        _gunzip_copy(src, dst)
+        restored.append(name)
+    if restored:
+        logger.info("restored from %s: %s", kept, ", ".join(restored))
+    return restored
+
+
+def discard_kept(out: str | Path) -> None:
+    """Remove ``out/kept`` (a restarted run discards what it kept, as it discards its progress)."""
+    shutil.rmtree(Path(out) / KEPT_DIR, ignore_errors=True)
+
+
+def check_kept(out: str | Path, chash: str | None) -> None:
+    """Refuse ``out/kept`` when it holds measurements of a configuration other than ``chash``.
+
+    Raises:
+        ValueError: naming the folder and what to do.
+    """
+    kept = Path(out) / KEPT_DIR
+    cfg = kept / "config.json"
+    if cfg.is_file() and read_json(cfg).get("hash") != chash:
+        raise ValueError(f"{str(kept)!r} holds finished measurements of another configuration; pass --restart "
+                         "(restart=True) to discard them, or choose another --out")

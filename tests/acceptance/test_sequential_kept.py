@@ -1,0 +1,88 @@
+"""Kept copies (``OUT/kept/``): a run whose progress folder is gone (a new machine) restores the
+unedited evaluation and every finished method from them, measures only the rest, and ends with the
+results of an uninterrupted run; kept copies of another configuration are refused before anything
+is written, and ``restart`` discards them (tiny random Llama, seconds)."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from benchmarks import sequential as seq
+from benchmarks.sequential import run as run_module
+from benchmarks.sequential.kept import keep_finished
+from blue_plugin.datafiles import locate
+
+CF = locate("counterfact")
+CORPUS = locate("wordnet-glosses")
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(CF is None or CORPUS is None,
+                                 reason="CounterFact or the WordNet corpus not found: set BLUE_PLUGIN_DATA (docs/data.md)")]
+
+
+def _stop_in(method):
+    def on_batch(name, batches_done):
+        if name == method:
+            raise seq.BenchmarkInterrupted(f"stopped in {method}")
+    return on_batch
+
+
+def test_a_run_on_a_new_machine_resumes_after_its_last_finished_method(tiny_setup, tmp_path, monkeypatch):
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, methods="MEMIT,MEMIT_BLUE", n=4, batch_size=2, seed=0, hparams=hp_path, model=model,
+              tok=tok, fluency_tokens=3, curve_every=2, curve_cases=2, curve_fluency_cases=1, heldout_docs=3,
+              progress=False, plots=False)
+    full = seq.run_benchmark(out=tmp_path / "full", **kw)
+    out = tmp_path / "run"
+    with pytest.raises(seq.BenchmarkInterrupted):  # MEMIT finished, MEMIT_BLUE edited one batch
+        seq.run_benchmark(out=out, on_batch=_stop_in("MEMIT_BLUE"), **kw)
+    kept = sorted(p.relative_to(out / "kept").as_posix() for p in (out / "kept").rglob("*.gz"))
+    assert kept == ["MEMIT/done.json.gz", "heldout.json.gz", "pre.json.gz", "pre_heldout.json.gz",
+                    "statistics.json.gz"]
+    with gzip.open(out / "kept" / "pre.json.gz", "rt") as fh:
+        assert json.load(fh) == json.loads((out / "progress" / "pre.json").read_text())
+    before = (out / "kept" / "pre.json.gz").read_bytes()
+    assert keep_finished(out) == []  # nothing newer to copy
+    assert (out / "kept" / "pre.json.gz").read_bytes() == before
+
+    shutil.rmtree(out / "progress")  # another machine: only what is committed is there
+    calls = []
+
+    def no_pre_evaluation(*args, **kwargs):
+        calls.append("pre")
+        raise AssertionError("the unedited model was evaluated again")
+
+    monkeypatch.setattr(run_module, "pre_locality", no_pre_evaluation)
+    monkeypatch.setattr(run_module, "select_heldout", no_pre_evaluation)
+    resumed = seq.run_benchmark(out=out, **kw)
+    assert calls == []
+    assert resumed["pre"]["scores"] == full["pre"]["scores"]
+    assert resumed["pre"]["eval_time_s"] == json.loads(gzip.open(out / "kept" / "pre.json.gz").read())["eval_time_s"]
+    for method in ("MEMIT", "MEMIT_BLUE"):
+        m, f = resumed["methods"][method], full["methods"][method]
+        assert m["scores"] == f["scores"] and m["summary"] == f["summary"], method
+        assert [p["scores"] for p in m["curves"]] == [p["scores"] for p in f["curves"]], method
+    # MEMIT was read back, not run again: its costs are those of the first invocation
+    first = json.loads(gzip.open(out / "kept" / "MEMIT" / "done.json.gz").read())
+    assert resumed["methods"]["MEMIT"]["costs"] == first["costs"]
+    assert (out / "kept" / "MEMIT_BLUE" / "done.json.gz").is_file()
+
+
+def test_kept_copies_of_another_configuration_are_refused_and_restart_discards_them(tiny_setup, tmp_path):
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, methods="MEMIT", n=2, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok,
+              fluency_tokens=2, heldout_docs=0, progress=False, plots=False)
+    out = tmp_path / "run"
+    seq.run_benchmark(out=out, **kw)
+    assert (out / "kept" / "MEMIT" / "done.json.gz").is_file()
+    shutil.rmtree(out / "progress")
+    with pytest.raises(ValueError, match=r"kept.*another configuration; pass --restart"):
+        seq.run_benchmark(out=out, **{**kw, "seed": 1})
+    assert not (out / "progress").exists()  # refused before anything was written
+    other = seq.run_benchmark(out=out, restart=True, **{**kw, "seed": 1})
+    assert other["config"]["seed"] == 1
+    kept_cfg = json.loads((out / "kept" / "config.json").read_text())
+    assert kept_cfg["hash"] == other["config_hash"]
