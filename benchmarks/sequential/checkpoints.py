@@ -36,6 +36,13 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(jsonable(content), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_diff(config: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """The keys (not :data:`INFORMATIONAL`) whose values differ between ``config`` and a stored
+    configuration (as read back from JSON)."""
+    return sorted(k for k in set(config) | set(stored)
+                  if k not in INFORMATIONAL and jsonable(config.get(k)) != stored.get(k))
+
+
 def open_progress(out: Path, config: dict[str, Any], restart: bool) -> tuple[Path, str]:
     """The progress folder of ``out`` for ``config`` and the configuration's hash; a new folder
     records the configuration, an existing one must hold the same (else ValueError)."""
@@ -52,9 +59,7 @@ def open_progress(out: Path, config: dict[str, Any], restart: bool) -> tuple[Pat
                            "methods finished before have neither, the others only from here on", out)
             write_json(cfg_file, {"hash": chash, "config": config})
         elif old.get("hash") != chash:
-            stored = old.get("config", {})
-            diff = sorted(k for k in set(config) | set(stored)
-                          if k not in INFORMATIONAL and jsonable(config.get(k)) != stored.get(k))
+            diff = config_diff(config, old.get("config", {}))
             raise ValueError(
                 f"{str(out)!r} holds progress of a different run (differs in {diff}); pass --restart "
                 "(restart=True) to discard it, or choose another --out"
@@ -84,8 +89,7 @@ def adopt_run_files(prog_dir: Path, source_out: Path, chash: str) -> list[str]:
     stored = read_json(cfg)
     if stored.get("hash") != chash:
         here = read_json(prog_dir / "config.json").get("config", {})
-        diff = sorted(k for k in set(here) | set(stored.get("config", {}))
-                      if k not in INFORMATIONAL and here.get(k) != stored.get("config", {}).get(k))
+        diff = config_diff(here, stored.get("config", {}))
         raise ValueError(f"pre_from: {str(source_out)!r} is a run of another configuration (differs in {diff}); "
                          "its unedited evaluation does not apply")
     copied = []

@@ -24,10 +24,10 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from benchmarks.common import read_json, write_json
-from benchmarks.sequential.checkpoints import RUN_LEVEL_FILES
+from benchmarks.sequential.checkpoints import RUN_LEVEL_FILES, config_diff, config_hash
 
 logger = logging.getLogger("benchmarks.sequential")
 
@@ -83,7 +83,7 @@ def keep_finished(out: str | Path) -> list[str]:
     if not (prog_dir / "config.json").is_file():
         return []
     config = read_json(prog_dir / "config.json")
-    check_kept(out, config.get("hash"))
+    check_kept(out, config.get("config", {}))
     copied = []
     for name in finished_files(prog_dir):
         src, dst = prog_dir / name, kept / (name + ".gz")
@@ -97,9 +97,9 @@ def keep_finished(out: str | Path) -> list[str]:
     return copied
 
 
-def restore_kept(out: str | Path, chash: str) -> list[str]:
+def restore_kept(out: str | Path, config: dict[str, Any]) -> list[str]:
     """Put the kept measurements of ``out/kept`` into ``out/progress`` where it lacks them (the
-    progress folder of configuration hash ``chash`` must exist); returns the names restored.
+    progress folder of the run's configuration ``config`` must exist); returns the names restored.
 
     Raises:
         ValueError: ``out/kept`` holds files of another configuration (pass ``restart=True`` to
@@ -109,7 +109,7 @@ def restore_kept(out: str | Path, chash: str) -> list[str]:
     prog_dir, kept = out / "progress", out / KEPT_DIR
     if not (kept / "config.json").is_file():
         return []
-    check_kept(out, chash)
+    check_kept(out, config)
     restored = []
     for src in sorted(kept.rglob("*.json.gz")):
         name = src.relative_to(kept).as_posix()[:-len(".gz")]
@@ -132,14 +132,18 @@ def discard_kept(out: str | Path) -> None:
     shutil.rmtree(Path(out) / KEPT_DIR, ignore_errors=True)
 
 
-def check_kept(out: str | Path, chash: str | None) -> None:
-    """Refuse ``out/kept`` when it holds measurements of a configuration other than ``chash``.
+def check_kept(out: str | Path, config: dict[str, Any]) -> None:
+    """Refuse ``out/kept`` when it holds measurements of a configuration other than ``config``
+    (the run's configuration, whose hash :func:`~benchmarks.sequential.checkpoints.config_hash` is).
 
     Raises:
-        ValueError: naming the folder and what to do.
+        ValueError: naming the folder, the keys that differ and what to do.
     """
-    kept = Path(out) / KEPT_DIR
-    cfg = kept / "config.json"
-    if cfg.is_file() and read_json(cfg).get("hash") != chash:
-        raise ValueError(f"{str(kept)!r} holds finished measurements of another configuration; pass --restart "
-                         "(restart=True) to discard them, or choose another --out")
+    kept = Path(out) / KEPT_DIR / "config.json"
+    if not kept.is_file():
+        return
+    stored = read_json(kept)
+    if stored.get("hash") != config_hash(config):
+        diff = config_diff(config, stored.get("config", {}))
+        raise ValueError(f"{str(kept.parent)!r} holds finished measurements of a different run (differs in {diff}); "
+                         "pass --restart (restart=True) to discard them, or choose another --out")

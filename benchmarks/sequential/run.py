@@ -33,7 +33,6 @@ from benchmarks.common import (
 from benchmarks.sequential.checkpoints import (
     SessionCheckpoints,
     adopt_run_files,
-    config_hash,
     measured_once,
     open_progress,
 )
@@ -170,9 +169,10 @@ def run_benchmark(
     }
     if cfg.restart:
         discard_kept(out)
-    check_kept(out, config_hash(config))  # before anything is written to ``out``
+    elif not (out / "progress" / "config.json").is_file():
+        check_kept(out, config)  # before anything is written to ``out``
     prog_dir, chash = open_progress(out, config, cfg.restart)
-    restore_kept(out, chash)  # what finished in an earlier run of this folder, elsewhere
+    restore_kept(out, config)  # what finished in an earlier run of this folder, elsewhere
     if cfg.pre_from is not None:
         adopt_run_files(prog_dir, Path(cfg.pre_from), chash)
     logger.info("checkpoints: blue_plugin.editing.session.EditSession")

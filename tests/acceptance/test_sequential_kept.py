@@ -79,7 +79,7 @@ def test_kept_copies_of_another_configuration_are_refused_and_restart_discards_t
     seq.run_benchmark(out=out, **kw)
     assert (out / "kept" / "MEMIT" / "done.json.gz").is_file()
     shutil.rmtree(out / "progress")
-    with pytest.raises(ValueError, match=r"kept.*another configuration; pass --restart"):
+    with pytest.raises(ValueError, match=r"kept' holds finished measurements of a different run \(differs in \['hparams', 'seed'\]\); pass --restart"):
         seq.run_benchmark(out=out, **{**kw, "seed": 1})
     assert not (out / "progress").exists()  # refused before anything was written
     other = seq.run_benchmark(out=out, restart=True, **{**kw, "seed": 1})
