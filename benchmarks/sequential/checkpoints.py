@@ -19,6 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
+from blue_plugin.editing.replay import TargetLog
+from blue_plugin.editing.state import fingerprint
+
 from benchmarks.common import jsonable, read_json, write_json
 
 logger = logging.getLogger("benchmarks.sequential")
@@ -28,6 +33,15 @@ INFORMATIONAL = ("data", "model", "hparams_file")
 #: configuration keys added with results schema 2 (held-out perplexity, curve points): progress
 #: written before them (its hash is that of the configuration without them) is resumed
 LATER_KEYS = ("heldout_docs", "curve_every", "curve_cases", "curve_fluency_cases", "curve_heldout_docs")
+
+
+def weights_digest(tensors: dict[int, torch.Tensor]) -> str:
+    """16 hex digits identifying the critical layers' weights (per-layer fingerprints)."""
+    h = hashlib.sha256()
+    for l in sorted(tensors):
+        h.update(str(l).encode())
+        h.update(fingerprint(tensors[l]).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -113,19 +127,31 @@ def measured_once(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str
 class SessionCheckpoints:
     """Per-method progress with :class:`blue_plugin.editing.session.EditSession` (``save`` /
     ``load``); the benchmark's own bookkeeping (wall times, curve) goes to ``progress.json`` next
-    to it."""
+    to it. With ``kept`` (a :class:`~benchmarks.sequential.kept.KeptBatches`), every batch's
+    targets and the bookkeeping are kept too, and a method without a saved session replays the
+    kept batches (:meth:`resume`)."""
 
     kind = "EditSession"
 
-    def __init__(self, folder: Path, model, tok, hp):
-        self.folder, self.model, self.tok, self.hp = folder, model, tok, hp
+    def __init__(self, folder: Path, model, tok, hp, kept: Any = None):
+        self.folder, self.model, self.tok, self.hp, self.kept = folder, model, tok, hp, kept
         self.session_dir = folder / "session"
         self.session = None
 
-    def resume(self) -> Optional[dict[str, Any]]:
-        """Load the saved session onto the (unedited) model, or start a new one (then None).
-        Returns ``batches_done``, ``batch_wall_s``, ``curve`` and ``curves`` (curve points) of the
-        saved progress."""
+    def digest(self) -> str:
+        """:func:`weights_digest` of the critical layers' stored weights, as they are now."""
+        params = dict(self.model.named_parameters())
+        return weights_digest({l: params[self.session.layout.weight_name(l)] for l in self.hp.layers})
+
+    def resume(self, batch_requests: Optional[Callable[[int], list[dict]]] = None) -> Optional[dict[str, Any]]:
+        """Load the saved session onto the (unedited) model; without one, replay the kept batches
+        (``batch_requests(b)``: the requests of 0-based batch ``b``), or start a new session (then
+        None). Returns ``batches_done``, ``batch_wall_s``, ``curve`` and ``curves`` (curve points)
+        of the saved progress.
+
+        Raises:
+            ValueError: a replayed batch does not give the weights it gave when it ran.
+        """
         from blue_plugin.editing.session import EditSession
 
         if not (self.session_dir / "manifest.json").is_file():
@@ -133,30 +159,68 @@ class SessionCheckpoints:
                 logger.warning("%s holds progress in the removed local checkpoint format; this method starts "
                                "again from its first batch", self.folder)
             self.session = EditSession(self.model, self.tok, self.hp, undo_depth=0)
-            return None
+            self.session.target_log = TargetLog()
+            return self.replay(batch_requests) if self.kept is not None and batch_requests is not None else None
         self.session = EditSession.load(self.session_dir, self.model, self.tok, self.hp, undo_depth=0)
+        self.session.target_log = TargetLog()
         done = int(self.session.n_batches)
         prog_file = self.folder / "progress.json"
         prog = read_json(prog_file) if prog_file.is_file() else {}
         if prog.get("batches_done") != done:  # interrupted between the two writes of save()
             logger.warning("progress.json is out of step with the saved session (%s vs %d batches); "
                            "using the session", prog.get("batches_done"), done)
+        return self._meta(prog, done)
+
+    def _meta(self, prog: dict[str, Any], done: int) -> dict[str, Any]:
         wall = list(prog.get("batch_wall_s", []))[:done]
         wall += [float(r["time"].get("total", 0.0)) for r in self.session.state.history[len(wall):done]]
         curve = [c for c in prog.get("curve", []) if c["n_edits"] <= done * self.hp.batch_size]
         curves = [c for c in prog.get("curves", []) if c["n_edits"] <= done * self.hp.batch_size]
         return {"batches_done": done, "batch_wall_s": wall, "curve": curve, "curves": curves}
 
+    def replay(self, batch_requests: Callable[[int], list[dict]]) -> Optional[dict[str, Any]]:
+        """Run the kept batches again with their kept targets (no optimisation), check each
+        against the weights digest it had, restore the batch's recorded timings and save the
+        session; None when nothing is kept."""
+        prog = self.kept.read_progress() or {}
+        n = min(self.kept.count(), int(prog.get("batches_done", 0)))
+        if n == 0:
+            return None
+        log = self.session.target_log
+        logger.info("%s: replaying %d kept batch(es) from %s", self.folder.name, n, self.kept.folder)
+        for b in range(n):
+            digest, results, meta = self.kept.read_batch(b + 1)
+            log.queue(digest, results)
+            self.session.edit(batch_requests(b))
+            log.pop_batch()
+            if self.digest() != meta["weights_digest"]:
+                raise ValueError(
+                    f"replaying batch {b + 1} kept in {str(self.kept.folder)!r} gave other weights than the run "
+                    "that kept it (another torch build or thread count?); run with the same set-up, or pass "
+                    "--restart to start the run again")
+            self.session.state.history[-1]["time"] = meta["time"]  # the batch's cost is the original run's
+        meta = self._meta(prog, n)
+        self.save(dict(prog, batches_done=n, batch_wall_s=meta["batch_wall_s"], curve=meta["curve"],
+                       curves=meta["curves"]), keep=False)
+        return meta
+
     def apply(self, requests: list[dict]) -> None:
         self.session.edit(requests)
 
-    def save(self, progress: dict[str, Any]) -> None:
+    def save(self, progress: dict[str, Any], keep: bool = True) -> None:
+        """Save the session and ``progress``; keep the last batch's targets first (``keep``)."""
+        digest, results = self.session.target_log.pop_batch()
+        if keep and self.kept is not None and results:
+            self.kept.write_batch(int(progress["batches_done"]), digest, results,
+                                  {"weights_digest": self.digest(), "time": self.session.state.history[-1]["time"]})
         self.session.save(self.session_dir)
         self.save_progress(progress)
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         """The bookkeeping only (the session is unchanged since :meth:`save`)."""
         write_json(self.folder / "progress.json", progress)
+        if self.kept is not None:
+            self.kept.write_progress(progress)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.session_dir, ignore_errors=True)

@@ -8,8 +8,15 @@ on one CPU core at N = 2,000), and each method that has completed its sequence a
 (several hours each). :func:`keep_finished` copies those files, gzip-compressed, to ``OUT/kept/``
 (small enough to commit: about a sixth of their JSON); :func:`restore_kept` puts back into a
 progress folder the ones it lacks, so a run started on another machine resumes after the last
-finished method instead of from nothing. Methods in progress are not kept (their state is the
-edited weights) and start again from their first batch.
+finished method instead of from nothing.
+
+A method in progress keeps, in ``OUT/kept/<METHOD>/``, the targets of every batch it has run
+(``targets/batch-<b>.safetensors``, :mod:`blue_plugin.editing.replay`; a few hundred KB each) and
+its bookkeeping (``progress.json.gz``: wall times, curve points): :class:`KeptBatches`. Its saved
+session (the edited matrices and the sequential state, tens of MB) is not kept; on another machine
+the method replays the kept batches from the unedited model without optimising their targets (a
+few times faster than running them), checks that each gives the weights it gave when it ran, and
+continues after the last. A finished method's kept batches are removed: its ``done.json`` is kept.
 
 ``kept/config.json`` records the configuration hash: a progress folder of another configuration
 neither writes nor restores kept files (the run refuses it before, see
@@ -23,8 +30,11 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+import json
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Optional
+
+from blue_plugin.editing.replay import read_targets, write_targets
 
 from benchmarks.common import read_json, write_json
 from benchmarks.sequential.checkpoints import RUN_LEVEL_FILES, config_diff, config_hash
@@ -34,6 +44,9 @@ logger = logging.getLogger("benchmarks.sequential")
 KEPT_DIR = "kept"
 #: a method's file that marks it finished (and holds its scores, curve and costs)
 DONE_FILE = "done.json"
+#: in ``kept/<METHOD>/`` of a method in progress: its bookkeeping and the targets of its batches
+PROGRESS_FILE = "progress.json.gz"
+TARGETS_DIR = "targets"
 
 
 def finished_files(prog_dir: Path) -> list[str]:
@@ -90,6 +103,8 @@ def keep_finished(out: str | Path) -> list[str]:
         if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
             _gzip_copy(src, dst)
             copied.append(name)
+        if name.endswith("/" + DONE_FILE):  # finished: its batches are not needed to resume any more
+            KeptBatches(dst.parent).discard()
     if copied or not (kept / "config.json").is_file():
         write_json(kept / "config.json", config)
     if copied:
@@ -113,6 +128,8 @@ def restore_kept(out: str | Path, config: dict[str, Any]) -> list[str]:
     restored = []
     for src in sorted(kept.rglob("*.json.gz")):
         name = src.relative_to(kept).as_posix()[:-len(".gz")]
+        if name not in RUN_LEVEL_FILES and not name.endswith("/" + DONE_FILE):
+            continue  # a method's kept batches are replayed by the method (KeptBatches)
         dst = prog_dir / name
         if dst.is_file():
             continue
@@ -147,3 +164,53 @@ def check_kept(out: str | Path, config: dict[str, Any]) -> None:
         diff = config_diff(config, stored.get("config", {}))
         raise ValueError(f"{str(kept.parent)!r} holds finished measurements of a different run (differs in {diff}); "
                          "pass --restart (restart=True) to discard them, or choose another --out")
+
+
+def write_json_gz(path: Path, value: Any) -> None:
+    """``value`` as gzip-compressed JSON (no timestamp in the header), written atomically."""
+    with _atomic(path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fout:
+        fout.write(json.dumps(value, indent=1).encode("utf-8"))
+
+
+def read_json_gz(path: Path) -> Any:
+    with gzip.open(path, "rb") as fh:
+        return json.loads(fh.read().decode("utf-8"))
+
+
+class KeptBatches:
+    """The kept batches of one method in progress, in ``OUT/kept/<METHOD>/`` (module docstring):
+    ``targets/batch-<b>.safetensors`` for batches 1, 2, ... and ``progress.json.gz``."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def batch_path(self, b: int) -> Path:
+        """The targets file of batch ``b`` (1-based)."""
+        return self.folder / TARGETS_DIR / f"batch-{b:05d}.safetensors"
+
+    def count(self) -> int:
+        """How many batches, from the first without a gap, have their targets kept."""
+        b = 0
+        while self.batch_path(b + 1).is_file():
+            b += 1
+        return b
+
+    def write_batch(self, b: int, digest: str, results: dict, meta: dict[str, Any]) -> None:
+        """Keep the targets of batch ``b`` (``{layer: TargetResult}`` of requests ``digest``) and
+        ``meta`` (the weights digest after the batch, its timings)."""
+        write_targets(self.batch_path(b), digest, results, meta)
+
+    def read_batch(self, b: int) -> tuple[str, dict, dict[str, Any]]:
+        return read_targets(self.batch_path(b))
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        write_json_gz(self.folder / PROGRESS_FILE, progress)
+
+    def read_progress(self) -> Optional[dict[str, Any]]:
+        path = self.folder / PROGRESS_FILE
+        return read_json_gz(path) if path.is_file() else None
+
+    def discard(self) -> None:
+        """Remove the kept batches and bookkeeping (not ``done.json``)."""
+        shutil.rmtree(self.folder / TARGETS_DIR, ignore_errors=True)
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)

@@ -2,7 +2,6 @@
 the unedited weights, batch by batch with a checkpoint after each, and the outputs."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -35,13 +34,14 @@ from benchmarks.sequential.checkpoints import (
     adopt_run_files,
     measured_once,
     open_progress,
+    weights_digest,
 )
 from benchmarks.sequential.chunked import ChunkedEvaluation
 from benchmarks.sequential.config import METRIC_LABELS, RESULTS_FILE, SCHEMA_VERSION, SequentialConfig
 from benchmarks.sequential.costs import batch_costs, prepare_statistics, steps_per_layer
 from benchmarks.sequential.curves import CurvePlan, evaluate_point, heldout_eval, point_from_scores, select_heldout
 from benchmarks.sequential.evaluate import evaluate_cases, pre_locality, summarize
-from benchmarks.sequential.kept import check_kept, discard_kept, keep_finished, restore_kept
+from benchmarks.sequential.kept import KEPT_DIR, KeptBatches, check_kept, discard_kept, keep_finished, restore_kept
 from benchmarks.sequential.plots import make_plots
 from benchmarks.sequential.report import blue_vs_base, paired_differences, render_table
 from benchmarks.sequential.restraint import first_acting, restrains_sequence, serving_unrestrained, sigma_trace
@@ -57,17 +57,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def weights_digest(tensors: dict[int, torch.Tensor]) -> str:
-    """16 hex digits identifying the critical layers' weights (per-layer fingerprints)."""
-    from blue_plugin.editing.state import fingerprint
-
-    h = hashlib.sha256()
-    for l in sorted(tensors):
-        h.update(str(l).encode())
-        h.update(fingerprint(tensors[l]).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _model(cfg: SequentialConfig, model, tok) -> tuple[Any, Any, str]:
@@ -240,7 +229,7 @@ def run_benchmark(
             restore()
             seed_everything(cfg.seed)
             hp = method_hparams(base_hp, method)
-            ckpt = SessionCheckpoints(prog_dir / method, model, tok, hp)
+            ckpt = SessionCheckpoints(prog_dir / method, model, tok, hp, KeptBatches(out / KEPT_DIR / method))
             reset_peak_rss()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -345,7 +334,7 @@ def _edit_batches(cfg: SequentialConfig, method: str, ckpt: SessionCheckpoints, 
     times, the curve of intermediate summaries and the curve points (saved ones first)."""
     n, bs = cfg.n, cfg.batch_size
     n_batches = (n + bs - 1) // bs
-    meta = ckpt.resume()
+    meta = ckpt.resume(lambda b: [c.to_request() for c in cases[b * bs:(b + 1) * bs]])
     start = int(meta["batches_done"]) if meta else 0
     wall: list[float] = list(meta["batch_wall_s"]) if meta else []
     curve: list[dict[str, Any]] = list(meta["curve"]) if meta else []

@@ -38,6 +38,7 @@ from .batch import PendingBatch
 from .contexts import ContextPrefixes, generate_prefixes, with_groups
 from .keys import keys_and_outputs
 from .observer import EditObserver, check_observer, observed
+from .replay import TargetLog
 from .requests import EditRequest, check_rows_fit, key_rows, position_limit, prepare_requests, target_rows
 from .rules import LayerInputs, get_rule
 from .selection import choose_boundary_layers, window_layers
@@ -54,16 +55,19 @@ class Editor:
     """Applies batches of edits to one model with one set of hyperparameters (a
     :class:`BLUEHyperParams`, a dict of its keys or a YAML path; see :meth:`BLUEHyperParams.coerce`).
     ``state``: the sequential state (default: the model's :func:`get_state`); ``observer``: an
-    :class:`~blue_plugin.editing.observer.EditObserver` told about every phase of a batch."""
+    :class:`~blue_plugin.editing.observer.EditObserver` told about every phase of a batch;
+    ``target_log``: a :class:`~blue_plugin.editing.replay.TargetLog` that records the batch's
+    targets and may replay recorded ones instead of optimising them."""
 
     def __init__(self, model, tok, hparams: BLUEHyperParams, state: Optional[EditState] = None,
-                 observer: Optional[EditObserver] = None):
+                 observer: Optional[EditObserver] = None, target_log: Optional[TargetLog] = None):
         hparams = BLUEHyperParams.coerce(hparams)
         self.model, self.tok, self.hp = model, tok, hparams
         self.layout: ModelLayout = resolve_layout(model, hparams)
         self.rule = get_rule(hparams.base_method)
         self.state = state if state is not None else get_state(model)
         self.observer = check_observer(observer)
+        self.target_log = target_log
         self.solve_dtype = SOLVE_DTYPES[hparams.solve_dtype]
         self.statistics = EditStatistics(self)
         if tok.pad_token_id is None and tok.eos_token_id is None:
@@ -286,8 +290,15 @@ class Editor:
         return {self.layout.weight_name(l): pending.originals[l] for l in layers}
 
     def _targets(self, reqs: list[EditRequest], prefixes: list[str], layer: int, record: dict) -> TargetResult:
-        with observed(self.observer, "targets", layer, record["time"]) as info:
-            res = self.targets_at(reqs, prefixes, layer, info)
+        log = self.target_log
+        res = log.take(reqs, layer) if log is not None else None
+        if res is None:
+            with observed(self.observer, "targets", layer, record["time"]) as info:
+                res = self.targets_at(reqs, prefixes, layer, info)
+        else:
+            record["replayed_targets"] = True
+        if log is not None:
+            log.put(reqs, layer, res)
         record["steps"][layer] = res.steps
         record["nll"][layer] = res.nll
         return res
@@ -345,6 +356,7 @@ def apply_blue_to_model(
     keep_original_weight: bool = False,
     state: Optional[EditState] = None,
     observer: Optional[EditObserver] = None,
+    target_log: Optional[TargetLog] = None,
     **kwargs: Any,
 ):
     """Edit ``model`` with ``requests`` (EasyEdit's apply contract).
@@ -355,12 +367,13 @@ def apply_blue_to_model(
     ``param.data.copy_(weights_copy[name])``). Consecutive calls on the same model are sequential
     batch editing; the state lives in :func:`blue_plugin.get_state(model) <blue_plugin.editing.state.get_state>`
     unless ``state`` is given. ``observer``: an :class:`~blue_plugin.editing.observer.EditObserver`
-    told about the batch's phases. ``keep_original_weight`` and other EasyEdit keyword arguments
+    told about the batch's phases; ``target_log``: a :class:`~blue_plugin.editing.replay.TargetLog`
+    (record / replay the batch's targets). ``keep_original_weight`` and other EasyEdit keyword arguments
     are accepted and have no effect (the editor restores weights from ``weights_copy``).
     """
     hp = BLUEHyperParams.coerce(hparams)
     if copy:
         model = copy_module.deepcopy(model)
-    editor = Editor(model, tok, hp, state, observer)
+    editor = Editor(model, tok, hp, state, observer, target_log)
     weights_copy = editor.apply(requests, return_orig_weights=return_orig_weights)
     return model, weights_copy

@@ -107,6 +107,8 @@ class EditSession:
         self.undo_depth = undo_depth
         self.history_limit = history_limit
         self.observer = observer
+        #: a :class:`~blue_plugin.editing.replay.TargetLog` for :meth:`edit` (record / replay targets), or None
+        self.target_log = None
         self.n_batches = 0
         self._undo: list[tuple[dict[str, torch.Tensor], EditState, int]] = []
         #: stored weights of the edited matrices before their first edit (CPU), for the exports
@@ -190,7 +192,8 @@ class EditSession:
         last = self.state.history[-1] if self.state.history else None
         fresh = {l for l in self.hparams.layers if self.state.layers.get(l) is None or self.state.layers[l].post_fp is None}
         try:
-            apply_blue_to_model(self.model, self.tok, requests, self.hparams, state=self.state, observer=self.observer)
+            apply_blue_to_model(self.model, self.tok, requests, self.hparams, state=self.state, observer=self.observer,
+                                target_log=self.target_log)
         except BaseException as e:
             self._put_back(before, snapshot)
             if isinstance(e, torch.linalg.LinAlgError):  # e.g. an SVD of non-finite values (PRUNE)

@@ -1,6 +1,7 @@
 """Kept copies (``OUT/kept/``): a run whose progress folder is gone (a new machine) restores the
-unedited evaluation and every finished method from them, measures only the rest, and ends with the
-results of an uninterrupted run; kept copies of another configuration are refused before anything
+unedited evaluation and every finished method from them, replays the kept batches of a method in
+progress without optimising their targets, measures only the rest, and ends with the results of an
+uninterrupted run; a kept batch that does not give its recorded weights is refused; kept copies of another configuration are refused before anything
 is written, and ``restart`` discards them (tiny random Llama, seconds)."""
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 
 from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
-from benchmarks.sequential.kept import keep_finished
+from benchmarks.sequential.kept import KeptBatches, keep_finished
 from blue_plugin.datafiles import locate
+from tests.tiny import targets_spy
 
 CF = locate("counterfact")
 CORPUS = locate("wordnet-glosses")
@@ -39,15 +41,17 @@ def test_a_run_on_a_new_machine_resumes_after_its_last_finished_method(tiny_setu
     out = tmp_path / "run"
     with pytest.raises(seq.BenchmarkInterrupted):  # MEMIT finished, MEMIT_BLUE edited one batch
         seq.run_benchmark(out=out, on_batch=_stop_in("MEMIT_BLUE"), **kw)
-    kept = sorted(p.relative_to(out / "kept").as_posix() for p in (out / "kept").rglob("*.gz"))
-    assert kept == ["MEMIT/done.json.gz", "heldout.json.gz", "pre.json.gz", "pre_heldout.json.gz",
-                    "statistics.json.gz"]
+    kept = sorted(p.relative_to(out / "kept").as_posix() for p in (out / "kept").rglob("*") if p.is_file())
+    assert kept == ["MEMIT/done.json.gz", "MEMIT_BLUE/progress.json.gz", "MEMIT_BLUE/targets/batch-00001.safetensors",
+                    "config.json", "heldout.json.gz", "pre.json.gz", "pre_heldout.json.gz", "statistics.json.gz"]
     with gzip.open(out / "kept" / "pre.json.gz", "rt") as fh:
         assert json.load(fh) == json.loads((out / "progress" / "pre.json").read_text())
     before = (out / "kept" / "pre.json.gz").read_bytes()
     assert keep_finished(out) == []  # nothing newer to copy
     assert (out / "kept" / "pre.json.gz").read_bytes() == before
 
+    kept_time = KeptBatches(out / "kept" / "MEMIT_BLUE").read_batch(1)[2]["time"]
+    assert kept_time["targets"] > 0
     shutil.rmtree(out / "progress")  # another machine: only what is committed is there
     calls = []
 
@@ -57,8 +61,13 @@ def test_a_run_on_a_new_machine_resumes_after_its_last_finished_method(tiny_setu
 
     monkeypatch.setattr(run_module, "pre_locality", no_pre_evaluation)
     monkeypatch.setattr(run_module, "select_heldout", no_pre_evaluation)
+    targets = targets_spy(monkeypatch)
     resumed = seq.run_benchmark(out=out, **kw)
     assert calls == []
+    assert len(targets) == 2  # MEMIT_BLUE's second batch only (two layers); its first was replayed
+    history = resumed["methods"]["MEMIT_BLUE"]["history"]
+    assert [r.get("replayed_targets", False) for r in history] == [True, False]
+    assert history[0]["time"] == kept_time  # the replayed batch costs what it cost when it ran
     assert resumed["pre"]["scores"] == full["pre"]["scores"]
     assert resumed["pre"]["eval_time_s"] == json.loads(gzip.open(out / "kept" / "pre.json.gz").read())["eval_time_s"]
     for method in ("MEMIT", "MEMIT_BLUE"):
@@ -69,6 +78,24 @@ def test_a_run_on_a_new_machine_resumes_after_its_last_finished_method(tiny_setu
     first = json.loads(gzip.open(out / "kept" / "MEMIT" / "done.json.gz").read())
     assert resumed["methods"]["MEMIT"]["costs"] == first["costs"]
     assert (out / "kept" / "MEMIT_BLUE" / "done.json.gz").is_file()
+    assert sorted(p.name for p in (out / "kept" / "MEMIT_BLUE").iterdir()) == ["done.json.gz"]  # batches discarded
+
+
+def test_a_kept_batch_that_gives_other_weights_is_refused(tiny_setup, tmp_path):
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, methods="MEMIT", n=4, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok,
+              fluency_tokens=2, heldout_docs=0, progress=False, plots=False)
+    out = tmp_path / "run"
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=out, on_batch=_stop_in("MEMIT"), **kw)
+    batches = KeptBatches(out / "kept" / "MEMIT")
+    digest, results, meta = batches.read_batch(1)
+    for r in results.values():
+        r.z += 0.01  # not the targets the batch was run with
+    batches.write_batch(1, digest, results, meta)
+    shutil.rmtree(out / "progress")
+    with pytest.raises(ValueError, match="replaying batch 1 kept in .* gave other weights than the run that kept it"):
+        seq.run_benchmark(out=out, **kw)
 
 
 def test_kept_copies_of_another_configuration_are_refused_and_restart_discards_them(tiny_setup, tmp_path):
