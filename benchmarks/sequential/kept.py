@@ -16,7 +16,9 @@ its bookkeeping (``progress.json.gz``: wall times, curve points): :class:`KeptBa
 session (the edited matrices and the sequential state, tens of MB) is not kept; on another machine
 the method replays the kept batches from the unedited model without optimising their targets (a
 few times faster than running them), checks that each gives the weights it gave when it ran, and
-continues after the last. A finished method's kept batches are removed: its ``done.json`` is kept.
+continues after the last. The saved chunks of its final evaluation (``eval_*.json``) are kept like
+the finished files, so an evaluation stopped half way continues on another machine. A finished
+method's kept batches and chunks are removed: its ``done.json`` is kept.
 
 ``kept/config.json`` records the configuration hash: a progress folder of another configuration
 neither writes nor restores kept files (the run refuses it before, see
@@ -47,12 +49,18 @@ DONE_FILE = "done.json"
 #: in ``kept/<METHOD>/`` of a method in progress: its bookkeeping and the targets of its batches
 PROGRESS_FILE = "progress.json.gz"
 TARGETS_DIR = "targets"
+#: the saved chunks of a method's final evaluation (:mod:`~benchmarks.sequential.chunked`)
+EVAL_PARTS = "eval_*.json"
 
 
 def finished_files(prog_dir: Path) -> list[str]:
     """Names (relative to ``prog_dir``) of the finished measurements present in ``prog_dir``."""
     names = [n for n in RUN_LEVEL_FILES if (prog_dir / n).is_file()]
-    names += sorted(f"{d.name}/{DONE_FILE}" for d in prog_dir.iterdir() if d.is_dir() and (d / DONE_FILE).is_file())
+    for d in sorted(p for p in prog_dir.iterdir() if p.is_dir()):
+        if (d / DONE_FILE).is_file():
+            names.append(f"{d.name}/{DONE_FILE}")
+        else:  # the saved chunks of a final evaluation under way
+            names += sorted(f"{d.name}/{f.name}" for f in d.glob(EVAL_PARTS))
     return names
 
 
@@ -128,7 +136,7 @@ def restore_kept(out: str | Path, config: dict[str, Any]) -> list[str]:
     restored = []
     for src in sorted(kept.rglob("*.json.gz")):
         name = src.relative_to(kept).as_posix()[:-len(".gz")]
-        if name not in RUN_LEVEL_FILES and not name.endswith("/" + DONE_FILE):
+        if name not in RUN_LEVEL_FILES and not name.endswith("/" + DONE_FILE) and not Path(name).match(EVAL_PARTS):
             continue  # a method's kept batches are replayed by the method (KeptBatches)
         dst = prog_dir / name
         if dst.is_file():
@@ -214,3 +222,5 @@ class KeptBatches:
         """Remove the kept batches and bookkeeping (not ``done.json``)."""
         shutil.rmtree(self.folder / TARGETS_DIR, ignore_errors=True)
         (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+        for part in self.folder.glob(EVAL_PARTS + ".gz"):
+            part.unlink()

@@ -13,7 +13,9 @@ import pytest
 
 from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
-from benchmarks.sequential.kept import KeptBatches, keep_finished
+from benchmarks.common import write_json
+from benchmarks.sequential.checkpoints import config_hash
+from benchmarks.sequential.kept import KeptBatches, keep_finished, restore_kept
 from blue_plugin.datafiles import locate
 from tests.tiny import targets_spy
 
@@ -113,3 +115,20 @@ def test_kept_copies_of_another_configuration_are_refused_and_restart_discards_t
     assert other["config"]["seed"] == 1
     kept_cfg = json.loads((out / "kept" / "config.json").read_text())
     assert kept_cfg["hash"] == other["config_hash"]
+
+
+def test_the_chunks_of_a_final_evaluation_under_way_are_kept_until_the_method_finishes(tmp_path):
+    out, config = tmp_path / "run", {"n": 4, "batch_size": 2}
+    prog = out / "progress"
+    write_json(prog / "config.json", {"hash": config_hash(config), "config": config})
+    chunk = {"key": {"n_edits": 4, "weights": "0123"}, "scores": [{"case": 0}], "eval_s": 1.0}
+    write_json(prog / "MEMIT" / "eval_served.json", chunk)
+    assert keep_finished(out) == ["MEMIT/eval_served.json"]
+    shutil.rmtree(prog)  # another machine
+    write_json(prog / "config.json", {"hash": config_hash(config), "config": config})
+    assert restore_kept(out, config) == ["MEMIT/eval_served.json"]
+    assert json.loads((prog / "MEMIT" / "eval_served.json").read_text()) == chunk
+    (prog / "MEMIT" / "eval_served.json").unlink()  # the evaluation completed: its chunks are removed
+    write_json(prog / "MEMIT" / "done.json", {"method": "MEMIT"})
+    assert keep_finished(out) == ["MEMIT/done.json"]
+    assert sorted(p.name for p in (out / "kept" / "MEMIT").iterdir()) == ["done.json.gz"]
