@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluations of all cases save their scores every this many cases (resumable within them)")
     p.add_argument("--measure-cold-stats", action="store_true", help="also time a statistics pass without cache")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the saved sessions of finished methods")
+    p.add_argument("--replay-tolerance", type=float, default=1e-3,
+                   help="a method replaying its kept batches on another machine continues when a batch's weights "
+                        "differ from the kept run's by at most this fraction of their change (0: bit-identical "
+                        "only); default 1e-3")
     p.add_argument("--restart", action="store_true", help="discard progress in --out instead of resuming")
     p.add_argument("--pre-from", default=None, metavar="DIR",
                    help="take the unedited evaluation (and statistics timing, held-out documents) from the --out folder "
@@ -91,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> SequentialConfig:
         curve_heldout_docs=args.curve_heldout_docs, eval_batch_size=args.eval_batch_size,
         gen_batch_size=args.gen_batch_size, eval_chunk_cases=args.eval_chunk_cases,
         measure_cold_stats=args.measure_cold_stats,
-        keep_checkpoints=args.keep_checkpoints, restart=args.restart, progress=not args.no_progress,
+        keep_checkpoints=args.keep_checkpoints, replay_tolerance=args.replay_tolerance, restart=args.restart, progress=not args.no_progress,
         plots=not args.no_plots, checkpoints=args.checkpoints, pre_from=args.pre_from,
     )
 

@@ -66,6 +66,11 @@ class SequentialConfig:
             of the run's identity: scores differ from another chunking by rounding at most.
         measure_cold_stats: also time a full statistics pass when the cache already holds it.
         keep_checkpoints: keep the saved session of finished methods.
+        replay_tolerance: a method replaying its kept batches on another machine
+            (:mod:`~benchmarks.sequential.kept`) continues when a replayed batch's weights differ
+            from the kept run's by at most this fraction of their change (a strided sample; 0:
+            only bit-identical weights); beyond it the run stops and says so. Not part of the
+            run's identity.
         restart: discard progress in ``out`` instead of resuming.
         pre_from: output folder of another run of the same configuration (methods aside): its
             run-level measurements (statistics timing, the unedited evaluation, the held-out
@@ -102,6 +107,7 @@ class SequentialConfig:
     eval_chunk_cases: int = 100
     measure_cold_stats: bool = False
     keep_checkpoints: bool = False
+    replay_tolerance: float = 1e-3
     restart: bool = False
     progress: bool = True
     plots: bool = True
@@ -128,6 +134,9 @@ class SequentialConfig:
         check_int("eval_batch_size", self.eval_batch_size, 1)
         check_int("gen_batch_size", self.gen_batch_size, 1)
         check_int("eval_chunk_cases", self.eval_chunk_cases, 1)
+        if isinstance(self.replay_tolerance, bool) or not isinstance(self.replay_tolerance, (int, float)) \
+                or not 0 <= self.replay_tolerance < float("inf"):
+            raise ValueError(f"replay_tolerance must be a finite number >= 0, got {self.replay_tolerance!r}")
         if self.checkpoints not in CHECKPOINT_CHOICES:
             raise ValueError(
                 f"checkpoints={self.checkpoints!r}: progress is saved with blue_plugin.editing.session.EditSession "

@@ -203,12 +203,15 @@ class KeptBatches:
             b += 1
         return b
 
-    def write_batch(self, b: int, digest: str, results: dict, meta: dict[str, Any]) -> None:
-        """Keep the targets of batch ``b`` (``{layer: TargetResult}`` of requests ``digest``) and
-        ``meta`` (the weights digest after the batch, its timings)."""
-        write_targets(self.batch_path(b), digest, results, meta)
+    def write_batch(self, b: int, digest: str, results: dict, meta: dict[str, Any],
+                    extra: Optional[dict[str, Any]] = None) -> None:
+        """Keep the targets of batch ``b`` (``{layer: TargetResult}`` of requests ``digest``),
+        ``meta`` (the weights digest after the batch, its timings) and ``extra`` tensors (a sample
+        of the weights' change)."""
+        write_targets(self.batch_path(b), digest, results, meta, extra)
 
-    def read_batch(self, b: int) -> tuple[str, dict, dict[str, Any]]:
+    def read_batch(self, b: int) -> tuple[str, dict, dict[str, Any], dict[str, Any]]:
+        """Digest, ``{layer: TargetResult}``, metadata and extra tensors of batch ``b``."""
         return read_targets(self.batch_path(b))
 
     def write_progress(self, progress: dict[str, Any]) -> None:

@@ -229,7 +229,8 @@ def run_benchmark(
             restore()
             seed_everything(cfg.seed)
             hp = method_hparams(base_hp, method)
-            ckpt = SessionCheckpoints(prog_dir / method, model, tok, hp, KeptBatches(out / KEPT_DIR / method))
+            ckpt = SessionCheckpoints(prog_dir / method, model, tok, hp, KeptBatches(out / KEPT_DIR / method),
+                                      cfg.replay_tolerance)
             reset_peak_rss()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)

@@ -19,7 +19,8 @@ logged. A replayed :class:`~blue_plugin.editing.targets.TargetResult` has no ``h
 block outputs; NaN), which the editor does not use.
 
 :func:`write_targets` / :func:`read_targets` store one batch's targets in a safetensors file
-(float32 targets kept exactly, no pickle) with a JSON metadata string.
+(float32 targets kept exactly, no pickle) with a JSON metadata string and any tensors of the
+caller's.
 """
 from __future__ import annotations
 
@@ -94,11 +95,15 @@ class TargetLog:
 
 
 def write_targets(path: str | os.PathLike, digest: str, results: dict[int, TargetResult],
-                  meta: dict[str, Any]) -> Path:
-    """Write one batch's targets (``{layer: result}``, requests ``digest``) and ``meta`` (JSON
-    values) to ``path`` atomically."""
+                  meta: dict[str, Any], extra: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """Write one batch's targets (``{layer: result}``, requests ``digest``), ``meta`` (JSON
+    values) and ``extra`` tensors of the caller's (names without a dot) to ``path`` atomically."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
+    for name, t in (extra or {}).items():
+        if "." in name:
+            raise ValueError(f"extra tensor names may not contain '.', got {name!r}")
+        tensors[name] = t.detach().to("cpu").contiguous()
     for layer, res in results.items():
         tensors[f"z.{layer}"] = res.z.detach().to("cpu").contiguous()
         tensors[f"steps.{layer}"] = torch.tensor(res.steps, dtype=torch.int64)
@@ -113,8 +118,9 @@ def write_targets(path: str | os.PathLike, digest: str, results: dict[int, Targe
     return path
 
 
-def read_targets(path: str | os.PathLike) -> tuple[str, dict[int, TargetResult], dict[str, Any]]:
-    """The requests digest, ``{layer: result}`` and metadata written by :func:`write_targets`.
+def read_targets(path: str | os.PathLike) -> tuple[str, dict[int, TargetResult], dict[str, Any], dict[str, torch.Tensor]]:
+    """The requests digest, ``{layer: result}``, metadata and extra tensors written by
+    :func:`write_targets`.
 
     Raises:
         BLUEEditError: the file is not such a file.
@@ -130,6 +136,7 @@ def read_targets(path: str | os.PathLike) -> tuple[str, dict[int, TargetResult],
             z = tensors[f"z.{l}"]
             results[l] = TargetResult(z=z, h=torch.full_like(z, float("nan")), steps=tensors[f"steps.{l}"].tolist(),
                                       nll=tensors[f"nll.{l}"].tolist())
+        extra = {k: v for k, v in tensors.items() if "." not in k}
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as e:
         raise BLUEEditError(f"{str(path)!r} is not a readable target file ({type(e).__name__}: {e})") from None
-    return digest, results, meta
+    return digest, results, meta, extra

@@ -91,13 +91,53 @@ def test_a_kept_batch_that_gives_other_weights_is_refused(tiny_setup, tmp_path):
     with pytest.raises(seq.BenchmarkInterrupted):
         seq.run_benchmark(out=out, on_batch=_stop_in("MEMIT"), **kw)
     batches = KeptBatches(out / "kept" / "MEMIT")
-    digest, results, meta = batches.read_batch(1)
+    digest, results, meta, extra = batches.read_batch(1)
+    assert sorted(extra) == ["change1", "change2", "change3"]
     for r in results.values():
         r.z += 0.01  # not the targets the batch was run with
-    batches.write_batch(1, digest, results, meta)
+    batches.write_batch(1, digest, results, meta, extra)
     shutil.rmtree(out / "progress")
-    with pytest.raises(ValueError, match="replaying batch 1 kept in .* gave other weights than the run that kept it"):
+    with pytest.raises(ValueError, match=r"replaying batch 1 kept in .* gave other weights than the run that kept it "
+                                         r"\(relative difference of the change [0-9.e-]+, tolerance 0.001"):
         seq.run_benchmark(out=out, **kw)
+
+
+def test_a_replay_within_the_tolerance_continues_and_is_recorded(tiny_setup, tmp_path):
+    """Another machine may round differently: a replayed batch whose change is within the tolerance
+    of the kept one continues (simulated here by a kept digest that no weights have); a batch kept
+    without the change sample gets it when it replays exactly."""
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, methods="MEMIT", n=6, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok,
+              fluency_tokens=2, heldout_docs=0, progress=False, plots=False)
+    full = seq.run_benchmark(out=tmp_path / "full", **kw)
+    out = tmp_path / "run"
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=out, on_batch=lambda name, b: b == 2 and _stop_in("MEMIT")(name, b), **kw)
+    batches = KeptBatches(out / "kept" / "MEMIT")
+    digest, results, meta, extra = batches.read_batch(1)
+    batches.write_batch(1, digest, results, dict(meta, weights_digest="0" * 16), extra)
+    digest, results, meta, _ = batches.read_batch(2)
+    batches.write_batch(2, digest, results, meta)  # as kept by an earlier version: no change sample
+    shutil.rmtree(out / "progress")
+    with pytest.raises(seq.BenchmarkInterrupted):  # replays 1 and 2, edits 3, stops
+        seq.run_benchmark(out=out, on_batch=lambda name, b: b == 3 and _stop_in("MEMIT")(name, b), **kw)
+    assert sorted(batches.read_batch(2)[3]) == ["change1", "change2", "change3"]  # added by the exact replay
+    resumed = seq.run_benchmark(out=out, **kw)
+    history = resumed["methods"]["MEMIT"]["history"]
+    assert [r.get("replay_difference") for r in history] == [0.0, None, None]
+    assert [r.get("replayed_targets", False) for r in history] == [True, True, False]
+    assert resumed["methods"]["MEMIT"]["scores"] == full["methods"]["MEMIT"]["scores"]
+
+    # the same with bit-identical replays only (tolerance 0): refused
+    shutil.rmtree(out)
+    with pytest.raises(seq.BenchmarkInterrupted):
+        seq.run_benchmark(out=out, on_batch=_stop_in("MEMIT"), **kw)
+    digest, results, meta, extra = batches.read_batch(1)
+    assert sorted(extra) == ["change1", "change2", "change3"]
+    batches.write_batch(1, digest, results, dict(meta, weights_digest="0" * 16), extra)
+    shutil.rmtree(out / "progress")
+    with pytest.raises(ValueError, match=r"relative difference of the change 0, tolerance 0;"):
+        seq.run_benchmark(out=out, replay_tolerance=0, **kw)
 
 
 def test_kept_copies_of_another_configuration_are_refused_and_restart_discards_them(tiny_setup, tmp_path):

@@ -41,7 +41,8 @@ def test_replayed_sequence_is_bit_identical(tmp_path, monkeypatch, arch, base, b
         session.edit([dict(r) for r in reqs])
         digest, results = log.pop_batch()
         assert sorted(results) == ([0, 2] if blue else [2])
-        files.append(write_targets(tmp_path / f"batch-{b}.safetensors", digest, results, {"batch": b}))
+        files.append(write_targets(tmp_path / f"batch-{b}.safetensors", digest, results, {"batch": b},
+                                   {"mark": torch.full((3,), float(b))}))
     edited = weights(model)
     steps = [get_state(model).history[b]["steps"] for b in range(2)]
 
@@ -55,8 +56,8 @@ def test_replayed_sequence_is_bit_identical(tmp_path, monkeypatch, arch, base, b
     session = EditSession(model, tok, hp, undo_depth=0)
     session.target_log = TargetLog()
     for b, reqs in enumerate(batches):
-        digest, results, meta = read_targets(files[b])
-        assert meta == {"batch": b}
+        digest, results, meta, extra = read_targets(files[b])
+        assert meta == {"batch": b} and torch.equal(extra["mark"], torch.full((3,), float(b)))
         session.target_log.queue(digest, results)
         session.edit([dict(r) for r in reqs])
         assert session.target_log.pending() == []
