@@ -27,12 +27,12 @@ neither writes nor restores kept files (the run refuses it before, see
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-import json
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
