@@ -50,9 +50,8 @@ SAMPLE_SIZE = 1024
 
 
 def weights_sample(w: torch.Tensor, n: int = SAMPLE_SIZE) -> torch.Tensor:
-    """``n`` entries of ``w`` at a fixed stride (float64, CPU)."""
-    flat = w.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // n)][:n].to("cpu", torch.float64).clone()
+    """``n`` entries of ``w`` at a fixed stride (float64, CPU): the state's weight fingerprint, smaller."""
+    return fingerprint(w, n)
 
 
 def change_difference(now: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> Optional[float]:
