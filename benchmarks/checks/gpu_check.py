@@ -58,7 +58,7 @@ from benchmarks.checks.synthetic import (
     make_tokenizer,
     synthetic_c0,
 )
-from benchmarks.common import METHODS, REPO_ROOT, parse_methods, write_json
+from benchmarks.common import METHODS, REPO_ROOT, parse_methods, recorded_path, write_json
 
 logger = logging.getLogger("benchmarks.gpu_check")
 
@@ -137,7 +137,7 @@ def run_check(
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "device": device_info(dev),
         "config": {"small": small, "shape": shape, "dtype": dtype, "n_requests": n_requests, "methods": list(methods),
-                   "seed": seed, "hparams_file": str(hparams), "c0": f"A A^T/m + {C0_EPS} I, A ~ N(0,1) (d x d/2), float64"},
+                   "seed": seed, "hparams_file": recorded_path(hparams), "c0": f"A A^T/m + {C0_EPS} I, A ~ N(0,1) (d x d/2), float64"},
         "runs": {},
         "ok": False,
     }

@@ -28,6 +28,7 @@ from benchmarks.common.paths import (
     REPO_ROOT,
     default_cf_data,
     default_data,
+    recorded_path,
     resolve_data_arg,
     resolve_repo_path,
 )
@@ -43,8 +44,8 @@ from benchmarks.common.system import (
 __all__ = [
     "METHODS", "build_base_hparams", "check_int", "method_hparams", "parse_methods", "parse_overrides",
     "DEFAULT_DATA_NAME", "DEFAULT_HPARAMS", "DEFAULT_MODEL", "REPO_ROOT", "default_cf_data", "default_data",
-    "resolve_data_arg", "resolve_repo_path", "cuda_peak_mib", "current_rss_mib", "machine_info", "peak_rss_mib",
-    "reset_peak_rss", "versions", "json_roundtrip", "jsonable", "read_json", "write_json",
+    "recorded_path", "resolve_data_arg", "resolve_repo_path", "cuda_peak_mib", "current_rss_mib", "machine_info",
+    "peak_rss_mib", "reset_peak_rss", "versions", "json_roundtrip", "jsonable", "read_json", "write_json",
 ]
 
 

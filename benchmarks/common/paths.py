@@ -55,6 +55,23 @@ def resolve_repo_path(path: str) -> str:
     return path
 
 
+def recorded_path(path: str | os.PathLike) -> str:
+    """``path`` as a run records it in committed results: relative to the repository root when
+    inside it, ``$BLUE_PLUGIN_DATA/<relative path>`` when inside a folder that variable names,
+    else absolute. A committed configuration then reads the same on every machine and checkout."""
+    from blue_plugin.datafiles import DATA_ENV, data_dirs
+
+    given = Path(os.path.abspath(os.path.expanduser(str(path))))  # keeps links: hparams/BLUE is one
+    for p in (given, given.resolve()):
+        if p.is_relative_to(REPO_ROOT):
+            return p.relative_to(REPO_ROOT).as_posix()
+        for root in data_dirs():
+            for r in (Path(os.path.abspath(root)), root.resolve()):
+                if p.is_relative_to(r):
+                    return f"${DATA_ENV}/{p.relative_to(r).as_posix()}"
+    return str(given)
+
+
 def default_cf_data() -> Path:
     """Where CounterFact is now without downloading, else where
     ``python -m blue_plugin.datafiles fetch counterfact`` puts it."""

@@ -24,6 +24,7 @@ from benchmarks.common import (
     method_hparams,
     peak_rss_mib,
     read_json,
+    recorded_path,
     reset_peak_rss,
     resolve_data_arg,
     versions,
@@ -137,7 +138,7 @@ def run_benchmark(
     reset_state(model)
 
     config = {
-        "data": str(data_path),
+        "data": recorded_path(data_path),
         "data_sha256": file_sha256(data_path),
         "format": fmt,
         "n": cfg.n,
@@ -145,7 +146,7 @@ def run_benchmark(
         "seed": cfg.seed,
         "model": model_name,
         "model_weights_digest": weights_digest(originals),
-        "hparams_file": str(Path(cfg.hparams).resolve()) if cfg.hparams is not None else str(DEFAULT_HPARAMS),
+        "hparams_file": recorded_path(cfg.hparams if cfg.hparams is not None else DEFAULT_HPARAMS),
         "hparams": {k: v for k, v in base_hp.to_dict().items() if k not in ("base_method", "blue", "device", "stats_dir")},
         "fluency_tokens": cfg.fluency_tokens,
         "eval_every": cfg.eval_every,
