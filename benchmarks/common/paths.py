@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from blue_plugin.datafiles import DATA_ENV, DATASETS, cache_dir, data_dirs, locate, resolve_data
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The embedded model, its configuration and the dataset (a :mod:`blue_plugin.datafiles` name)
 #: the benchmarks use by default.
@@ -19,8 +21,6 @@ DEFAULT_DATA_NAME = "counterfact"
 def default_data(name: str = DEFAULT_DATA_NAME, download: bool = True) -> Path:
     """The dataset ``name`` resolved now by :func:`blue_plugin.datafiles.resolve_data`
     ($BLUE_PLUGIN_DATA, the cache, then a download); call it at run time, never at import."""
-    from blue_plugin.datafiles import resolve_data
-
     return resolve_data(name, download=download)
 
 
@@ -33,8 +33,6 @@ def resolve_data_arg(value: str | os.PathLike | None, default: str = DEFAULT_DAT
     Raises:
         blue_plugin.datafiles.DataFileNotFound: the file is nowhere (the message says where it looked).
     """
-    from blue_plugin.datafiles import resolve_data
-
     if value is None:
         return default_data(default, download)
     p = Path(os.path.expanduser(str(value)))
@@ -59,8 +57,6 @@ def recorded_path(path: str | os.PathLike) -> str:
     """``path`` as a run records it in committed results: relative to the repository root when
     inside it, ``$BLUE_PLUGIN_DATA/<relative path>`` when inside a folder that variable names,
     else absolute. A committed configuration then reads the same on every machine and checkout."""
-    from blue_plugin.datafiles import DATA_ENV, data_dirs
-
     given = Path(os.path.abspath(os.path.expanduser(str(path))))  # keeps links: hparams/BLUE is one
     for p in (given, given.resolve()):
         if p.is_relative_to(REPO_ROOT):
@@ -75,7 +71,5 @@ def recorded_path(path: str | os.PathLike) -> str:
 def default_cf_data() -> Path:
     """Where CounterFact is now without downloading, else where
     ``python -m blue_plugin.datafiles fetch counterfact`` puts it."""
-    from blue_plugin.datafiles import DATASETS, cache_dir, locate
-
     return locate(DEFAULT_DATA_NAME) or cache_dir() / DATASETS[DEFAULT_DATA_NAME].relpath
 
