@@ -52,7 +52,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from blue_plugin.evaluation.knowedit import (  # noqa: E402  (after the sys.path line above)
+import numpy as np  # noqa: E402  (this import and those below: after the sys.path line above)
+import torch  # noqa: E402
+
+from blue_plugin.datafiles import get_spec, resolve_data  # noqa: E402
+from blue_plugin.evaluation.data import detect_format, records_to_cases  # noqa: E402
+from blue_plugin.evaluation.knowedit import (  # noqa: E402
     KNOWEDIT_TYPES,
     editor_inputs,
     format_table,
@@ -61,6 +66,9 @@ from blue_plugin.evaluation.knowedit import (  # noqa: E402  (after the sys.path
     summary_by_key as summarize,
     summary_table,
 )
+from blue_plugin.hparams import BLUEHyperParams  # noqa: E402
+from blue_plugin.integrations.easyedit import register_with_easyedit, with_model  # noqa: E402
+from blue_plugin.model.loading import EMBEDDED_MODEL_NAMES, load_model  # noqa: E402
 
 logger = logging.getLogger("run_blue_editing")
 
@@ -88,8 +96,6 @@ def resolve_data_file(data_dir: str | os.PathLike | None, data_type: str) -> Pat
     """``data_dir`` itself when it is a file, else the first usual file name for ``data_type`` in it;
     a dataset name, or None (the default dataset of ``data_type``), goes through
     :func:`blue_plugin.datafiles.resolve_data`."""
-    from blue_plugin.datafiles import get_spec, resolve_data
-
     if data_dir is None:
         if data_type not in DEFAULT_DATASETS:
             raise ValueError(f"--data_type {data_type} has no default dataset; pass --data_dir")
@@ -117,8 +123,6 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
     locality_inputs, portability_inputs`` (one entry per case; the last None where the data has no
     portability) and ``format`` / ``case_ids`` for the record.
     """
-    from blue_plugin.evaluation.data import detect_format, records_to_cases
-
     with open(path, encoding="utf-8") as fh:
         records = json.load(fh)
     if not isinstance(records, list) or not records:
@@ -170,8 +174,6 @@ def load_edit_data(path: Path, data_type: str, ds_size: Optional[int]) -> dict[s
 # ------------------------------------------------------------------------------------------------
 def build_hparams(args: argparse.Namespace):
     """BLUEHyperParams from ``--hparams_dir`` with the command-line overrides applied."""
-    from blue_plugin.hparams import BLUEHyperParams
-
     hp = BLUEHyperParams.from_hparams(args.hparams_dir)
     changes: dict[str, Any] = {}
     if args.base_method is not None:
@@ -193,16 +195,11 @@ def make_editor(hp, load_with: str = "auto"):
     ``(model, tok)``."""
     from easyeditor import BaseEditor  # type: ignore
 
-    from blue_plugin.integrations.easyedit import with_model
-    from blue_plugin.model.loading import EMBEDDED_MODEL_NAMES, load_model
-
     name = str(hp.model_name)
     embedded = name.lower() in {n.lower() for n in EMBEDDED_MODEL_NAMES}
     if load_with == "blue" or (load_with == "auto" and embedded):
         model, tok = load_model(name)
         if isinstance(hp.device, int) or (isinstance(hp.device, str) and hp.device.startswith("cuda")):
-            import torch
-
             if torch.cuda.is_available():
                 model.to(f"cuda:{hp.device}" if isinstance(hp.device, int) else hp.device)
             else:
@@ -246,8 +243,6 @@ def evaluate_final(editor, metrics: list[dict]) -> list[dict]:
 
 
 def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -293,8 +288,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to the output JSON."""
     args = parse_args(argv)
-    from blue_plugin.integrations.easyedit import register_with_easyedit
-
     report = register_with_easyedit(verbose=False, root=args.easyedit_root)
     from easyeditor import summary_metrics  # type: ignore
 

@@ -10,6 +10,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from blue_plugin.evaluation.data import load_cases
+from blue_plugin.model.loading import load_model
+
 from benchmarks.analysis.config import (
     ANALYSES,
     DEFAULT_WHAT,
@@ -93,8 +96,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from blue_plugin.evaluation.data import load_cases
-    from blue_plugin.model.loading import load_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from blue_plugin.editing.requests import prepare_requests
+from blue_plugin.hparams import BLUEHyperParams
+
 from benchmarks.common import DEFAULT_HPARAMS, parse_overrides, resolve_repo_path
 
 logger = logging.getLogger("benchmarks.analysis")
@@ -49,8 +52,6 @@ def parse_int_list(spec: str, name: str) -> list[int]:
 
 
 def build_hparams(args) -> Any:
-    from blue_plugin.hparams import BLUEHyperParams
-
     hp = BLUEHyperParams.from_hparams(args.hparams or DEFAULT_HPARAMS)
     changes: dict[str, Any] = {"seed": args.seed, "mom2_dataset": resolve_repo_path(hp.mom2_dataset)}
     if args.steps is not None:
@@ -65,8 +66,6 @@ def build_hparams(args) -> Any:
 
 def valid_requests(tok, hp, cases: Sequence[Any]) -> tuple[list[dict], list[Any]]:
     """The cases whose edit requests the engine accepts (others are logged and skipped)."""
-    from blue_plugin.editing.requests import prepare_requests
-
     reqs, kept = [], []
     for c in cases:
         r = c.to_request()

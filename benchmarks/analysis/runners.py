@@ -9,6 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from blue_plugin.editing.editor import Editor
+from blue_plugin.editing.selection import window_layers
+from blue_plugin.editing.state import get_state
+from blue_plugin.evaluation.metrics import counterfact_case_scores
+from blue_plugin.research import analysis as A
+from blue_plugin.research import tracing as T
+from blue_plugin.research.analysis import scratch_state, weights_restored
+
 from benchmarks.analysis.config import parse_int_list
 
 logger = logging.getLogger("benchmarks.analysis")
@@ -28,12 +36,6 @@ def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: 
     (``layers[0]``, ``layers[-1]``) and with ``layer_selection: dynamic`` (the engine chooses them
     per batch), each from the unedited model in a scratch state; efficacy / generalization /
     specificity of all cases at the end of each run, and the layers the engine chose."""
-    from blue_plugin.research.analysis import scratch_state, weights_restored
-    from blue_plugin.editing.editor import Editor
-    from blue_plugin.evaluation.metrics import counterfact_case_scores
-    from blue_plugin.editing.selection import window_layers
-    from blue_plugin.editing.state import get_state
-
     dyn_hp = hp.replace(blue=True, layer_selection="dynamic", dynamic_window=window, dynamic_criterion=criterion)
     fixed_hp = dyn_hp.replace(layer_selection="all")
     touched = sorted(set(window_layers(dyn_hp)) | set(fixed_hp.edit_layers))
@@ -67,9 +69,6 @@ def run_dynamic(model, tok, hp, cases, batch_size: int, criterion: str, window: 
 
 def run_analysis(name: str, ctx: dict[str, Any]) -> dict[str, Any]:
     """Compute one analysis; ``ctx`` holds the model, tokenizer, hparams, requests and options."""
-    from blue_plugin.research import analysis as A
-    from blue_plugin.research import tracing as T
-
     model, tok, hp, reqs, args = ctx["model"], ctx["tok"], ctx["hp"], ctx["requests"], ctx["args"]
 
     def shared():

@@ -47,6 +47,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BLUE_PLUGIN_NO_EASYEDIT", "1")
 
 import torch
+import transformers
+
+from blue_plugin.editing.editor import Editor, apply_blue_to_model
+from blue_plugin.editing.state import get_state, reset_state
+from blue_plugin.hparams import BLUEHyperParams
 
 from benchmarks.checks.synthetic import (
     C0_EPS,
@@ -91,12 +96,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         import platform
 
         info.update(name=platform.processor() or "cpu", threads=torch.get_num_threads())
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    info["transformers"] = transformers.__version__
     return info
 
 
@@ -117,10 +117,6 @@ def run_check(
 ) -> dict[str, Any]:
     """Build the model, inject statistics and prefixes, edit, and write the JSON report to ``out``
     (also after every method). Returns the report; ``report["ok"]`` is False when a method failed."""
-    from blue_plugin.editing.editor import Editor, apply_blue_to_model
-    from blue_plugin.hparams import BLUEHyperParams
-    from blue_plugin.editing.state import get_state, reset_state
-
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")

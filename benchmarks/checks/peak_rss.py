@@ -32,6 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
+from blue_plugin import BLUEHyperParams, apply_blue_to_model, get_state, load_model
+from blue_plugin.evaluation.data import load_cases
+
 from benchmarks.common import (
     DEFAULT_HPARAMS,
     DEFAULT_MODEL,
@@ -49,14 +54,8 @@ from benchmarks.common import (
 logger = logging.getLogger("benchmarks.peak_rss")
 
 
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process (called in a fresh subprocess) and return figures."""
-    import torch
-
-    from blue_plugin import BLUEHyperParams, apply_blue_to_model, get_state, load_model
-    from blue_plugin.evaluation.data import load_cases
-
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     t0 = time.perf_counter()

@@ -24,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from blue_plugin.datafiles import resolve_data
+
 from benchmarks.common import REPO_ROOT
 
 REPO = REPO_ROOT
@@ -145,12 +149,7 @@ def main() -> int:
         (out / "README.md").write_text(markdown(res), encoding="utf-8")
         return 0
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
-    from blue_plugin.datafiles import resolve_data
-
     args.corpus = str(resolve_data(args.corpus))
-
-    import torch
-
     runs = []
     for rep in range(args.repeats):
         order = configs if rep % 2 == 0 else list(reversed(configs))  # alternate against load drift

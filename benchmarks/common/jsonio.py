@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def jsonable(obj: Any) -> Any:
@@ -30,13 +31,8 @@ def jsonable(obj: Any) -> Any:
         return obj
     if isinstance(obj, Path):
         return str(obj)
-    try:
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            return jsonable(obj.detach().cpu().tolist())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
     return str(obj)
 
 

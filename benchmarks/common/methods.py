@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+import yaml
+
+from blue_plugin.hparams import BLUEHyperParams
+
 from benchmarks.common.paths import DEFAULT_HPARAMS, resolve_repo_path
 
 #: method name -> (base_method, blue)
@@ -65,8 +69,6 @@ def build_base_hparams(
     benchmark's overrides (``overrides``: any further hyperparameters, applied last; not
     ``base_method`` / ``blue``, which each method sets). A corpus named by a relative path is
     found from the current directory or the repository root."""
-    from blue_plugin.hparams import BLUEHyperParams
-
     hp = BLUEHyperParams.from_hparams(hparams if hparams is not None else DEFAULT_HPARAMS)
     changes: dict[str, Any] = {"batch_size": batch_size, "seed": seed}
     if mom2_n_samples is not None:
@@ -89,8 +91,6 @@ def build_base_hparams(
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["v_lr=0.1", "layers=[4, 8]"]`` -> ``{"v_lr": 0.1, "layers": [4, 8]}`` (values parsed as YAML)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

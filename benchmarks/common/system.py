@@ -12,6 +12,10 @@ import sys
 from typing import Any
 
 import numpy as np
+import torch
+import transformers
+
+import blue_plugin
 
 from benchmarks.common.paths import REPO_ROOT
 
@@ -32,8 +36,6 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """Host, OS, CPU model and count, total memory, torch threads and the CUDA devices (if any)."""
-    import torch
-
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -68,10 +70,7 @@ def _git(*args: str) -> str | None:
 
 def versions() -> dict[str, Any]:
     """Versions of Python, the numerical stack and blue_plugin, plus the git commit of the repo."""
-    import torch
-    import transformers
 
-    import blue_plugin
 
     out: dict[str, Any] = {
         "python": sys.version.split()[0],
@@ -141,8 +140,6 @@ def current_rss_mib() -> float:
 
 def cuda_peak_mib() -> float | None:
     """Peak CUDA memory allocated by torch since the last reset (None without CUDA)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from blue_plugin.editing.replay import TargetLog
+from blue_plugin.editing.session import EditSession
 from blue_plugin.editing.state import fingerprint
 from blue_plugin.model.layout import resolve_layout
 
@@ -184,8 +185,6 @@ class SessionCheckpoints:
         Raises:
             ValueError: a replayed batch does not give the weights it gave when it ran.
         """
-        from blue_plugin.editing.session import EditSession
-
         if not (self.session_dir / "manifest.json").is_file():
             if (self.folder / "checkpoint.json").is_file():
                 logger.warning("%s holds progress in the removed local checkpoint format; this method starts "

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
+
 from benchmarks.common import check_int, parse_methods
 
 CF_FORMATS = ("counterfact", "counterfact_rome", "counterfact_templates")
@@ -147,8 +149,6 @@ class SequentialConfig:
 
     def torch_dtype(self):
         """``dtype`` as a torch dtype (None: the checkpoint's)."""
-        import torch
-
         return None if self.dtype is None else getattr(torch, self.dtype)
 
     def replace(self, **changes: Any) -> "SequentialConfig":

@@ -9,6 +9,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from blue_plugin.model.loading import default_cache_dir
+from blue_plugin.stats.moments import get_second_moments
+
 logger = logging.getLogger("benchmarks.sequential")
 
 
@@ -29,9 +32,6 @@ def prepare_statistics(editor, hp, measure_cold: bool = False, progress: bool = 
         ``cached_s`` (a second call served from the disk cache), ``cold_s`` (a full pass: the first
         call when it computed, else a pass without cache if ``measure_cold``, else None).
     """
-    from blue_plugin.model.loading import default_cache_dir
-    from blue_plugin.stats.moments import get_second_moments
-
     layers = list(hp.layers)
     info: dict[str, Any] = {"layers": layers, "mom2_adjustment": hp.mom2_adjustment,
                             "corpus": hp.mom2_dataset, "n_samples": hp.mom2_n_samples,

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from blue_plugin.evaluation import metrics
+from blue_plugin.evaluation.metrics import zsre_locality_predictions
+
 from benchmarks.sequential.config import CF_FORMATS
 
 
@@ -37,8 +40,6 @@ def evaluate_cases(
         one dict per case with every metric of :data:`blue_plugin.evaluation.metrics.METRICS` (None where
         not applicable) plus the raw values the metric functions return.
     """
-    from blue_plugin.evaluation import metrics
-
     if fmt in CF_FORMATS:
         scores = metrics.counterfact_case_scores(model, tok, cases, batch_size, chat_template=chat_template)
         if fluency_tokens > 0:
@@ -61,8 +62,6 @@ def evaluate_cases(
 
 def summarize(scores: Sequence[dict], seed: int) -> dict[str, dict[str, Any]]:
     """Mean and 95% bootstrap interval per metric (:func:`blue_plugin.evaluation.metrics.summarize`)."""
-    from blue_plugin.evaluation import metrics
-
     return metrics.summarize(scores, seed=seed)
 
 
@@ -70,6 +69,4 @@ def pre_locality(model, tok, fmt: str, cases: Sequence[Any], batch_size: int, ch
     """zsRE: the unedited model's locality predictions (specificity compares against them); else None."""
     if fmt != "zsre":
         return None
-    from blue_plugin.evaluation.metrics import zsre_locality_predictions
-
     return zsre_locality_predictions(model, tok, cases, batch_size, chat_template=chat_template)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from blue_plugin.evaluation.metrics import bootstrap_ci
 from blue_plugin.evaluation.perplexity import paired_perplexity_difference
 
 from benchmarks.common import read_json, write_json
@@ -96,8 +97,6 @@ def paired_differences(scores_b: Sequence[dict[str, Any]], scores_a: Sequence[di
     """Per metric, B minus A over the cases both scored (matched by ``case_id``): mean and 95%
     percentile bootstrap interval (cases resampled together) and ``n``; with the held-out NLL sums
     of both on the same documents, the perplexity difference under ``perplexity``."""
-    from blue_plugin.evaluation.metrics import bootstrap_ci
-
     a = {s["case_id"]: s for s in scores_a}
     b = {s["case_id"]: s for s in scores_b}
     per: dict[str, dict[str, Any]] = {}

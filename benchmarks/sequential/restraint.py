@@ -14,12 +14,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+from blue_plugin.editing.editor import Editor
+from blue_plugin.editing.rules import get_rule
+
 
 def restrains_sequence(hp) -> bool:
     """Whether the method of ``hp`` serves a restraint of its sequence's weights (PRUNE,
     ``prune_timing: sequence``)."""
-    from blue_plugin.editing.rules import get_rule
-
     return get_rule(hp.base_method).restrains_sequence(hp)
 
 
@@ -27,8 +28,6 @@ def restrains_sequence(hp) -> bool:
 def serving_unrestrained(model, tok, hp) -> Iterator[list[int]]:
     """Serve the sequence's unrestrained weights inside the block (the restrained ones are put back
     on exit, also on errors); yields the layers where the two differ (empty: nothing to compare)."""
-    from blue_plugin.editing.editor import Editor
-
     editor = Editor(model, tok, hp)
     layers = editor.state.unrestrained_layers()
     with editor.weights_restored(layers):

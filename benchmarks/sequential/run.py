@@ -11,6 +11,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from blue_plugin.editing.editor import Editor
+from blue_plugin.editing.state import get_state, reset_state
+from blue_plugin.evaluation.data import load_cases
+from blue_plugin.model.loading import load_model
 from blue_plugin.stats.accumulate import effective_max_length
 from blue_plugin.stats.importer import file_sha256
 
@@ -62,8 +66,6 @@ def seed_everything(seed: int) -> None:
 
 def _model(cfg: SequentialConfig, model, tok) -> tuple[Any, Any, str]:
     """The run's model and tokenizer on ``cfg.device`` / ``cfg.dtype``, and its name."""
-    from blue_plugin.model.loading import load_model
-
     if model is None:
         name = cfg.model_name or DEFAULT_MODEL
         model, tok = load_model(name, device=cfg.device, dtype=cfg.torch_dtype())
@@ -109,10 +111,6 @@ def run_benchmark(
         ValueError: bad arguments, or ``out`` holding progress of a different configuration
             (pass ``restart=True`` or another ``out``).
     """
-    from blue_plugin.editing.editor import Editor
-    from blue_plugin.editing.state import get_state, reset_state
-    from blue_plugin.evaluation.data import load_cases
-
     cfg = SequentialConfig(**fields) if config is None else config.replace(**fields)
     method_list = cfg.validate()
     if (model is None) != (tok is None):

@@ -22,6 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from blue_plugin.integrations.easyedit import import_easyeditor
+from blue_plugin.model.layout import resolve_layout
+
 from benchmarks.speed.config import EE_METHODS, SpeedConfig
 from benchmarks.speed.meters import Meter
 from benchmarks.speed.workers import WorkerBase
@@ -42,7 +45,6 @@ class EasyEditWorker(WorkerBase):
 
     def __init__(self, cfg: SpeedConfig, model=None, tok=None, log_dir: Optional[str] = None):
         super().__init__(cfg, model, tok)
-        from blue_plugin.integrations.easyedit import import_easyeditor
 
         with contextlib.redirect_stdout(io.StringIO()):
             import_easyeditor(cfg.easyedit_root)
@@ -94,8 +96,6 @@ class EasyEditWorker(WorkerBase):
         return wrapper
 
     def _ee_hparams(self, method: str):
-        from blue_plugin.model.layout import resolve_layout
-
         hp = self.hp
         layout = resolve_layout(self.model, hp.replace(blue=False))
         lm_head = layout.templates["lm_head_module"]

@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import peak_rss_mib, reset_peak_rss
 from blue_plugin.editing.observer import EditObserver
+from blue_plugin.editing.state import fingerprint
+from blue_plugin.model.hooks import frozen
+
+from benchmarks.common import peak_rss_mib, reset_peak_rss
 
 
 def _tree_rss_mib(proc) -> float:
@@ -159,8 +162,6 @@ def random_batch(model, b: int, t: int, seed: int) -> dict[str, torch.Tensor]:
 def plain_forward_backward(model, shape: tuple[int, int], iters: int, seed: int = 0) -> float:
     """Median seconds of one plain forward+backward at ``shape`` = (batch, length): full logits,
     a loss over all positions, the gradient w.r.t. the input embeddings (parameters frozen)."""
-    from blue_plugin.model.hooks import frozen
-
     batch = random_batch(model, shape[0], shape[1], seed)
     emb_layer = model.get_input_embeddings()
     times = []
@@ -178,8 +179,6 @@ def plain_forward_backward(model, shape: tuple[int, int], iters: int, seed: int 
 
 def weights_digest(model) -> str:
     """sha256 (16 hex) of a strided sample of every parameter: equal digests = same weights."""
-    from blue_plugin.editing.state import fingerprint
-
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import torch
 
+from blue_plugin.model.loading import load_model
+
 from benchmarks.speed.config import SpeedConfig
 from benchmarks.speed.easyedit_worker import EasyEditWorker
 from benchmarks.speed.workers import OursWorker, WorkerBase
@@ -131,8 +133,6 @@ def start_workers(cfg: SpeedConfig, log_dir: Path) -> dict[str, Any]:
                 py = cfg.ee_python if s == "easyedit" else None
                 workers[s] = ProcessWorker(s, cfg, log_dir / f"worker-{s}.log", py)
         else:
-            from blue_plugin.model.loading import load_model
-
             if cfg.threads is not None:
                 torch.set_num_threads(cfg.threads)
             model, tok = load_model(cfg.model)

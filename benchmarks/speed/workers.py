@@ -13,9 +13,24 @@ from typing import Any
 
 import torch
 
+from blue_plugin.editing.editor import Editor, apply_blue_to_model
+from blue_plugin.editing.state import get_state, reset_state
+from blue_plugin.evaluation.data import load_cases
+from blue_plugin.evaluation.metrics import counterfact_case_scores
+from blue_plugin.model.loading import load_model
+from blue_plugin.stats.corpus import read_corpus
+from blue_plugin.stats.moments import get_second_moments
+
 from benchmarks.common import method_hparams, resolve_data_arg
 from benchmarks.speed.config import OUR_METHODS, SpeedConfig, base_hparams
-from benchmarks.speed.meters import Meter, TargetPhaseCounter, TokenCounter, base_module, plain_forward_backward, weights_digest
+from benchmarks.speed.meters import (
+    Meter,
+    TargetPhaseCounter,
+    TokenCounter,
+    base_module,
+    plain_forward_backward,
+    weights_digest,
+)
 
 
 class WorkerBase:
@@ -24,9 +39,6 @@ class WorkerBase:
     system = "?"
 
     def __init__(self, cfg: SpeedConfig, model=None, tok=None):
-        from blue_plugin.evaluation.data import load_cases
-        from blue_plugin.model.loading import load_model
-
         self.cfg = cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -40,7 +52,6 @@ class WorkerBase:
         self.load = m.result
         self.model, self.tok = model, tok
         self.hp = base_hparams(cfg, str(self.cache / "stats"))
-        from blue_plugin.editing.editor import Editor
 
         self.editor0 = Editor(model, tok, self.hp.replace(blue=False))
         self.layers = list(self.hp.layers)
@@ -67,13 +78,9 @@ class WorkerBase:
         self.editor0.restore(self.originals)
 
     def corpus_docs(self, n: int) -> list[str]:
-        from blue_plugin.stats.corpus import read_corpus
-
         return read_corpus(self.hp.mom2_dataset, n)
 
     def evaluate(self, n: int) -> dict[str, Any]:
-        from blue_plugin.evaluation.metrics import counterfact_case_scores
-
         if self.fmt not in ("counterfact", "counterfact_rome", "counterfact_templates"):
             return {"note": f"no efficacy for dataset format {self.fmt}"}
         t0 = time.perf_counter()
@@ -175,8 +182,6 @@ class OursWorker(WorkerBase):
     def stats_cold(self, n_samples: int, into_cache: bool) -> dict[str, Any]:
         """C_0 of all critical layers from an empty cache, one truncated pass. ``into_cache``:
         write into the cache the edits use (else a temporary folder, deleted)."""
-        from blue_plugin.stats.moments import get_second_moments
-
         names = [self.editor0.layout.rewrite(l) for l in self.layers]
         cache = Path(self.hp.stats_dir) if into_cache else Path(tempfile.mkdtemp(dir=self.work))
         if into_cache and cache.exists():
@@ -195,8 +200,6 @@ class OursWorker(WorkerBase):
     def prepare(self) -> dict[str, Any]:
         """Load the statistics (from the disk cache), generate the context prefixes and compute
         AlphaEdit's projectors, as the first batch of a session would. Returns the prefixes."""
-        from blue_plugin.editing.editor import Editor
-
         with Meter() as m:
             ed = Editor(self.model, self.tok, self.hp.replace(base_method="AlphaEdit", blue=False))
             ed.ensure_second_moments(self.layers)
@@ -207,17 +210,12 @@ class OursWorker(WorkerBase):
         return {"system": self.system, "prefixes": list(prefixes), **m.result}
 
     def start_sequence(self, method: str) -> None:
-        from blue_plugin.editing.state import reset_state
-
         reset_state(self.model)  # forgets the edits; keeps C0, projectors and prefixes
 
     def apply_batch(self, method: str, batch: list[dict]) -> dict[str, Any]:
         """One :func:`~blue_plugin.editing.editor.apply_blue_to_model` call, observed by
         :attr:`observer` (tokens of the target phase); phase times and steps from the engine's
         history, and what the engine reported of its target phases (``engine_targets``)."""
-        from blue_plugin.editing.editor import apply_blue_to_model
-        from blue_plugin.editing.state import get_state
-
         apply_blue_to_model(self.model, self.tok, batch, method_hparams(self.hp, method), observer=self.observer)
         rec = get_state(self.model).history[-1]
         steps = {str(l): list(s) for l, s in rec["steps"].items()}
