@@ -10,7 +10,7 @@ import torch
 from benchmarks.common import DEFAULT_HPARAMS, DEFAULT_MODEL, METHODS, REPO_ROOT, parse_overrides
 from benchmarks.sequential.config import CHECKPOINT_CHOICES, DTYPES, SequentialConfig
 from benchmarks.sequential.evidence import write_evidence
-from benchmarks.sequential.kept import KEPT_DIR, keep_finished
+from benchmarks.sequential.kept import KEPT_DIR, keep_finished, keep_results
 from benchmarks.sequential.report import compare_runs, render_table
 from benchmarks.sequential.status import write_status
 from benchmarks.sequential.run import run_benchmark
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true",
                    help="say where the run in --out stands (methods, batches, curve points so far) without running it; "
                         "writes --out/status.md and status.json, and copies finished measurements to --out/kept")
+    p.add_argument("--keep-results", action="store_true",
+                   help="copy the finished methods of --out/results.json to --out/kept (for a folder whose methods "
+                        "finished before kept/ existed), so that a run of the folder's other methods, or the pair's "
+                        "command, restores them instead of editing again; runs nothing")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -114,6 +118,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(res["table"])
         print(f"kept in {args.out}/{KEPT_DIR}: {', '.join(kept) or 'nothing new'}")
         return 0
+    if args.keep_results:
+        try:
+            kept = keep_results(args.out)
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        print(f"kept in {args.out}/{KEPT_DIR}: {', '.join(kept) or 'nothing new'}")
+        return 0
     if args.evidence:
         try:
             points = [int(x) for x in str(args.evidence_points).split(",") if x.strip()]
@@ -133,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     missing = [f"--{k.replace('_', '-')}" for k in ("data", "methods", "n", "batch_size") if getattr(args, k) is None]
     if missing:
-        parser.error(f"missing {', '.join(missing)} (needed unless --compare, --evidence or --status is given)")
+        parser.error(f"missing {', '.join(missing)} (needed unless --compare, --evidence, --status or --keep-results is given)")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")

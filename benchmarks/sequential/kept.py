@@ -20,6 +20,9 @@ continues after the last. The saved chunks of its final evaluation (``eval_*.jso
 the finished files, so an evaluation stopped half way continues on another machine. A finished
 method's kept batches and chunks are removed: its ``done.json`` is kept.
 
+A folder whose methods finished before ``kept/`` existed holds them only in its ``results.json``:
+:func:`keep_results` keeps them from there (``--keep-results``).
+
 ``kept/config.json`` records the configuration hash: a progress folder of another configuration
 neither writes nor restores kept files (the run refuses it before, see
 :func:`~benchmarks.sequential.checkpoints.open_progress`).
@@ -40,6 +43,7 @@ from blue_plugin.editing.replay import read_targets, write_targets
 
 from benchmarks.common import read_json, write_json
 from benchmarks.sequential.checkpoints import RUN_LEVEL_FILES, config_diff, config_hash
+from benchmarks.sequential.config import RESULTS_FILE, SCHEMA_VERSION
 
 logger = logging.getLogger("benchmarks.sequential")
 
@@ -51,6 +55,8 @@ PROGRESS_FILE = "progress.json.gz"
 TARGETS_DIR = "targets"
 #: the saved chunks of a method's final evaluation (:mod:`~benchmarks.sequential.chunked`)
 EVAL_PARTS = "eval_*.json"
+#: keys that ``results.json``'s configuration adds to the run's (the invocation's, not the run's)
+INVOCATION_KEYS = ("methods", "device", "dtype", "stats_dir")
 
 
 def finished_files(prog_dir: Path) -> list[str]:
@@ -150,6 +156,44 @@ def restore_kept(out: str | Path, config: dict[str, Any]) -> list[str]:
     if restored:
         logger.info("restored from %s: %s", kept, ", ".join(restored))
     return restored
+
+
+def keep_results(out: str | Path) -> list[str]:
+    """Keep the finished methods of ``out/results.json`` in ``out/kept`` where it lacks them (as
+    ``<METHOD>/done.json.gz``, the entry of ``results.json``'s ``methods``, which is what the method's
+    ``done.json`` held); returns the methods kept. For a folder whose methods finished before
+    ``kept/`` existed: a later run of the folder (its other methods, or the pair's command) then
+    restores them instead of editing again. The unedited evaluation is not in ``results.json`` in
+    its progress form; take it with ``pre_from``.
+
+    Raises:
+        ValueError: ``results.json`` is missing or broken, of another schema version, or its
+            configuration does not give its recorded hash; ``out/kept`` holds another configuration.
+    """
+    out = Path(out)
+    path = out / RESULTS_FILE
+    results = read_json(path)
+    if results.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{str(path)!r}: schema version {results.get('schema_version')!r}, this code writes "
+                         f"{SCHEMA_VERSION}; its methods cannot be kept for a run of this code")
+    config = {k: v for k, v in results.get("config", {}).items() if k not in INVOCATION_KEYS}
+    chash = results.get("config_hash")
+    if config_hash(config) != chash:
+        raise ValueError(f"{str(path)!r}: its configuration does not give its recorded hash {chash!r}; "
+                         "the file was changed after the run wrote it")
+    check_kept(out, config)
+    kept, methods = out / KEPT_DIR, []
+    for method, entry in results.get("methods", {}).items():
+        if not isinstance(entry, dict) or entry.get("method") != method or "scores" not in entry:
+            raise ValueError(f"{str(path)!r}: methods[{method!r}] is not a finished method's record")
+        dst = kept / method / (DONE_FILE + ".gz")
+        if not dst.is_file():
+            write_json_gz(dst, entry)
+            methods.append(method)
+    if not (kept / "config.json").is_file():
+        write_json(kept / "config.json", {"hash": chash, "config": config})
+    logger.info("kept from %s: %s", path, ", ".join(methods) or "nothing new")
+    return methods
 
 
 def discard_kept(out: str | Path) -> None:

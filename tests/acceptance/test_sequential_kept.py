@@ -15,7 +15,7 @@ from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
 from benchmarks.common import write_json
 from benchmarks.sequential.checkpoints import config_hash
-from benchmarks.sequential.kept import KeptBatches, keep_finished, restore_kept
+from benchmarks.sequential.kept import KeptBatches, keep_finished, keep_results, restore_kept
 from blue_plugin.datafiles import locate
 from tests.tiny import targets_spy
 
@@ -172,3 +172,55 @@ def test_the_chunks_of_a_final_evaluation_under_way_are_kept_until_the_method_fi
     write_json(prog / "MEMIT" / "done.json", {"method": "MEMIT"})
     assert keep_finished(out) == ["MEMIT/done.json"]
     assert sorted(p.name for p in (out / "kept" / "MEMIT").iterdir()) == ["done.json.gz"]
+
+
+def test_finished_methods_of_a_results_file_are_kept_and_not_edited_again(tiny_setup, tmp_path, monkeypatch):
+    """A folder whose methods finished before ``kept/`` existed holds only ``results.json``: its
+    methods are kept from there, and the pair's run restores them and edits only the other method."""
+    model, tok, hp_path = tiny_setup
+    kw = dict(data=CF, n=4, batch_size=2, seed=0, hparams=hp_path, model=model, tok=tok, fluency_tokens=2,
+              heldout_docs=2, progress=False, plots=False)
+    first = seq.run_benchmark(out=tmp_path / "first", methods="MEMIT", **kw)  # also the unedited evaluation
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tmp_path / "first" / "results.json", old / "results.json")
+    assert keep_results(old) == ["MEMIT"]
+    assert keep_results(old) == []  # already kept
+    kept_cfg = json.loads((old / "kept" / "config.json").read_text())
+    assert kept_cfg["hash"] == first["config_hash"]
+    with gzip.open(old / "kept" / "MEMIT" / "done.json.gz", "rt") as fh:
+        assert json.load(fh) == json.loads((tmp_path / "first" / "progress" / "MEMIT" / "done.json").read_text())
+
+    targets = targets_spy(monkeypatch)
+    pair = seq.run_benchmark(out=old, methods="MEMIT,MEMIT_BLUE", pre_from=tmp_path / "first", **kw)
+    assert len(targets) == 4  # MEMIT_BLUE's two batches at two layers; MEMIT was not edited again
+    assert pair["methods"]["MEMIT"]["scores"] == first["methods"]["MEMIT"]["scores"]
+    assert pair["methods"]["MEMIT"]["costs"] == first["methods"]["MEMIT"]["costs"]
+    assert sorted(pair["methods"]) == ["MEMIT", "MEMIT_BLUE"]
+
+
+def test_a_results_file_that_cannot_be_kept_is_refused_with_the_reason(tiny_setup, tmp_path):
+    model, tok, hp_path = tiny_setup
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"results.json' does not exist"):
+        keep_results(out)
+    seq.run_benchmark(out=out, data=CF, methods="MEMIT", n=2, batch_size=2, seed=0, hparams=hp_path, model=model,
+                      tok=tok, fluency_tokens=2, heldout_docs=0, progress=False, plots=False)
+    results = json.loads((out / "results.json").read_text())
+    shutil.rmtree(out / "kept")
+    changed = out.parent / "changed"
+    write_json(changed / "results.json", {**results, "config": {**results["config"], "seed": 1}})
+    with pytest.raises(ValueError, match=r"does not give its recorded hash .* changed after the run wrote it"):
+        keep_results(changed)
+    assert not (changed / "kept").exists()
+    write_json(changed / "results.json", {**results, "schema_version": 1})
+    with pytest.raises(ValueError, match=r"schema version 1, this code writes 2"):
+        keep_results(changed)
+    other = {**results, "config": {**results["config"], "seed": 1}}
+    other["config_hash"] = config_hash({k: v for k, v in other["config"].items()
+                                        if k not in ("methods", "device", "dtype", "stats_dir")})
+    write_json(changed / "results.json", other)
+    write_json(changed / "kept" / "config.json", {"hash": results["config_hash"], "config": {}})
+    with pytest.raises(ValueError, match=r"holds finished measurements of a different run"):
+        keep_results(changed)
+    assert sorted(p.name for p in (changed / "kept").iterdir()) == ["config.json"]
