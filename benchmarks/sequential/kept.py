@@ -55,7 +55,8 @@ PROGRESS_FILE = "progress.json.gz"
 TARGETS_DIR = "targets"
 #: the saved chunks of a method's final evaluation (:mod:`~benchmarks.sequential.chunked`)
 EVAL_PARTS = "eval_*.json"
-#: keys that ``results.json``'s configuration adds to the run's (the invocation's, not the run's)
+#: keys that ``results.json``'s configuration adds to the run's (the invocation's, not the run's;
+#: :func:`benchmarks.sequential.run.run_benchmark` adds them)
 INVOCATION_KEYS = ("methods", "device", "dtype", "stats_dir")
 
 
@@ -182,10 +183,12 @@ def keep_results(out: str | Path) -> list[str]:
         raise ValueError(f"{str(path)!r}: its configuration does not give its recorded hash {chash!r}; "
                          "the file was changed after the run wrote it")
     check_kept(out, config)
-    kept, methods = out / KEPT_DIR, []
-    for method, entry in results.get("methods", {}).items():
+    entries = results.get("methods", {})
+    for method, entry in entries.items():  # all checked before anything is written
         if not isinstance(entry, dict) or entry.get("method") != method or "scores" not in entry:
             raise ValueError(f"{str(path)!r}: methods[{method!r}] is not a finished method's record")
+    kept, methods = out / KEPT_DIR, []
+    for method, entry in entries.items():
         dst = kept / method / (DONE_FILE + ".gz")
         if not dst.is_file():
             write_json_gz(dst, entry)

@@ -213,6 +213,11 @@ def test_a_results_file_that_cannot_be_kept_is_refused_with_the_reason(tiny_setu
     with pytest.raises(ValueError, match=r"does not give its recorded hash .* changed after the run wrote it"):
         keep_results(changed)
     assert not (changed / "kept").exists()
+    bad = {**results, "methods": {**results["methods"], "MEMIT_BLUE": {"method": "MEMIT_BLUE"}}}
+    write_json(changed / "results.json", bad)
+    with pytest.raises(ValueError, match=r"methods\['MEMIT_BLUE'\] is not a finished method's record"):
+        keep_results(changed)
+    assert not (changed / "kept").exists()  # MEMIT, which is sound, was not kept either
     write_json(changed / "results.json", {**results, "schema_version": 1})
     with pytest.raises(ValueError, match=r"schema version 1, this code writes 2"):
         keep_results(changed)

@@ -101,6 +101,12 @@ def test_status_of_a_folder_without_progress_is_refused(tmp_path, capsys):
     assert exc.value.code == 2 and "not the --out folder of a started run" in capsys.readouterr().err
 
 
+def test_keep_results_of_a_folder_without_results_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--keep-results", "--out", str(tmp_path / "nothing")])
+    assert exc.value.code == 2 and "results.json' does not exist" in capsys.readouterr().err
+
+
 def test_fluency_above_the_unedited_interval_is_not_called_better(tmp_path):
     """BLUE's fluency resolved above its base's is "better" while it stays within the unedited
     model's interval, "above pre" beyond it; at a curve point, point 0 gives the unedited interval."""
