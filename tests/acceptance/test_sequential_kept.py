@@ -2,7 +2,8 @@
 unedited evaluation and every finished method from them, replays the kept batches of a method in
 progress without optimising their targets, measures only the rest, and ends with the results of an
 uninterrupted run; a kept batch that does not give its recorded weights is refused; kept copies of another configuration are refused before anything
-is written, and ``restart`` discards them (tiny random Llama, seconds)."""
+is written, and ``restart`` discards them; the finished methods of a folder that holds only
+``results.json`` are kept from it (tiny random Llama, seconds)."""
 from __future__ import annotations
 
 import gzip
