@@ -174,16 +174,20 @@ def keep_results(out: str | Path) -> list[str]:
     out = Path(out)
     path = out / RESULTS_FILE
     results = read_json(path)
-    if results.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{str(path)!r}: schema version {results.get('schema_version')!r}, this code writes "
-                         f"{SCHEMA_VERSION}; its methods cannot be kept for a run of this code")
-    config = {k: v for k, v in results.get("config", {}).items() if k not in INVOCATION_KEYS}
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{str(path)!r}: schema version {version!r}, this code writes {SCHEMA_VERSION}; its "
+                         "methods cannot be kept for a run of this code")
+    if not isinstance(results.get("config"), dict) or not isinstance(results.get("methods"), dict):
+        raise ValueError(f"{str(path)!r} lacks the run's configuration or its methods; it is not a results file "
+                         "of this benchmark")
+    config = {k: v for k, v in results["config"].items() if k not in INVOCATION_KEYS}
     chash = results.get("config_hash")
     if config_hash(config) != chash:
         raise ValueError(f"{str(path)!r}: its configuration does not give its recorded hash {chash!r}; "
                          "the file was changed after the run wrote it")
     check_kept(out, config)
-    entries = results.get("methods", {})
+    entries = results["methods"]
     for method, entry in entries.items():  # all checked before anything is written
         if not isinstance(entry, dict) or entry.get("method") != method or "scores" not in entry:
             raise ValueError(f"{str(path)!r}: methods[{method!r}] is not a finished method's record")

@@ -219,6 +219,12 @@ def test_a_results_file_that_cannot_be_kept_is_refused_with_the_reason(tiny_setu
     with pytest.raises(ValueError, match=r"methods\['MEMIT_BLUE'\] is not a finished method's record"):
         keep_results(changed)
     assert not (changed / "kept").exists()  # MEMIT, which is sound, was not kept either
+    write_json(changed / "results.json", {k: v for k, v in results.items() if k != "methods"})
+    with pytest.raises(ValueError, match=r"lacks the run's configuration or its methods"):
+        keep_results(changed)
+    write_json(changed / "results.json", [results])
+    with pytest.raises(ValueError, match=r"schema version None, this code writes 2"):
+        keep_results(changed)
     write_json(changed / "results.json", {**results, "schema_version": 1})
     with pytest.raises(ValueError, match=r"schema version 1, this code writes 2"):
         keep_results(changed)
