@@ -16,7 +16,7 @@ from benchmarks import sequential as seq
 from benchmarks.sequential import run as run_module
 from benchmarks.common import write_json
 from benchmarks.sequential.checkpoints import config_hash
-from benchmarks.sequential.kept import KeptBatches, keep_finished, keep_results, restore_kept
+from benchmarks.sequential.kept import INVOCATION_KEYS, KeptBatches, keep_finished, keep_results, restore_kept
 from blue_plugin.datafiles import locate
 from tests.tiny import targets_spy
 
@@ -229,8 +229,7 @@ def test_a_results_file_that_cannot_be_kept_is_refused_with_the_reason(tiny_setu
     with pytest.raises(ValueError, match=r"schema version 1, this code writes 2"):
         keep_results(changed)
     other = {**results, "config": {**results["config"], "seed": 1}}
-    other["config_hash"] = config_hash({k: v for k, v in other["config"].items()
-                                        if k not in ("methods", "device", "dtype", "stats_dir")})
+    other["config_hash"] = config_hash({k: v for k, v in other["config"].items() if k not in INVOCATION_KEYS})
     write_json(changed / "results.json", other)
     write_json(changed / "kept" / "config.json", {"hash": results["config_hash"], "config": {}})
     with pytest.raises(ValueError, match=r"holds finished measurements of a different run"):
